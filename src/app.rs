@@ -1,0 +1,137 @@
+//! Assembling a relay process from its [`Config`] and running it until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::fetch::ApiClient;
+use crate::http::{AppState, router};
+use crate::inbox::Inbox;
+use crate::metrics::Metrics;
+use crate::publish::EventPublisher;
+use crate::verify::Verifier;
+use crate::worker::retry::RetryPolicy;
+use crate::worker::{Dedup, Worker};
+
+/// A built relay: listener bound, broker supervisor started, worker ready to run.
+pub struct App {
+    listener: TcpListener,
+    router: axum::Router,
+    broker: Broker,
+    worker: Option<Worker>,
+    shutdown: CancellationToken,
+    shutdown_timeout: Duration,
+}
+
+impl App {
+    /// Binds `RELAY_LISTEN` and builds.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(config.args.listen)
+            .await
+            .with_context(|| format!("RELAY_LISTEN: cannot listen on {}", config.args.listen))?;
+        Self::with_listener(config, listener)
+    }
+
+    /// Builds on an already bound listener (tests bind port 0).
+    pub fn with_listener(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
+        let args = &config.args;
+        let metrics = Arc::new(Metrics::default());
+        let topology = config.topology();
+        let broker = Broker::start(&args.amqp_url, topology.clone(), config.confirm_timeout(), metrics.clone())
+            .map_err(|e| anyhow::anyhow!("AMQP_URL is unusable: {e}"))?;
+        let shutdown = CancellationToken::new();
+        let state = AppState {
+            broker: broker.clone(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+            verifier: Arc::new(Verifier::new(config.secrets.clone(), args.tolerance_secs)),
+            inbox: Inbox::new(broker.clone(), &topology.inbox, metrics.clone()),
+            body_limit: args.body_limit_bytes,
+            in_flight: Arc::new(Semaphore::new(args.max_in_flight)),
+        };
+        // A request never outlives a confirm timeout by much; this bounds slow clients too.
+        let request_timeout = config.confirm_timeout() + Duration::from_secs(10);
+        let router = router(state, args.role.receives(), request_timeout);
+        let worker = match (&config.api_key, args.role.works()) {
+            (Some(key), true) => Some(Worker {
+                broker: broker.clone(),
+                api: ApiClient::new(
+                    args.openai_base_url.parse().context("OPENAI_BASE_URL")?,
+                    key.clone(),
+                    Duration::from_secs(args.fetch_timeout_secs),
+                    args.max_object_bytes,
+                    metrics.clone(),
+                ),
+                publisher: EventPublisher::new(broker.clone(), &topology.exchange, metrics.clone()),
+                topology,
+                metrics,
+                dedup: Dedup::new(Duration::from_secs(args.dedup_window_secs), args.dedup_capacity),
+                policy: RetryPolicy {
+                    max_attempts: args.fetch_max_attempts,
+                    initial: Duration::from_millis(args.retry_initial_delay_ms),
+                    max: Duration::from_millis(args.retry_max_delay_ms),
+                },
+                source: args.event_source.clone(),
+                concurrency: usize::from(args.fetch_concurrency),
+            }),
+            _ => None,
+        };
+        Ok(Self {
+            listener,
+            router,
+            broker,
+            worker,
+            shutdown,
+            shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// Serves until `signal` resolves, then shuts down in order: stop accepting and let
+    /// requests in flight finish, let the worker finish the deliveries it holds (bounded by
+    /// `RELAY_SHUTDOWN_TIMEOUT_SECS`; unfinished ones are redelivered later), close the broker.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self { listener, router, broker, worker, shutdown, shutdown_timeout } = self;
+        let server = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future();
+        let server = tokio::spawn(server);
+        let worker = worker.map(|w| tokio::spawn(Arc::new(w).run(shutdown.clone())));
+
+        signal.await;
+        tracing::info!("shutting down");
+        shutdown.cancel();
+        let drained = tokio::time::timeout(shutdown_timeout, async {
+            let served = server.await;
+            if let Some(worker) = worker {
+                let _ = worker.await;
+            }
+            served
+        })
+        .await;
+        broker.close().await;
+        match drained {
+            Ok(Ok(Ok(()))) => {
+                tracing::info!("stopped cleanly");
+                Ok(())
+            }
+            Ok(Ok(Err(e))) => Err(e).context("HTTP server failed"),
+            Ok(Err(e)) => Err(e).context("HTTP server task panicked"),
+            Err(_) => {
+                tracing::warn!(?shutdown_timeout, "shutdown timed out; unfinished deliveries will be redelivered");
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The one RabbitMQ connection of a relay process, kept alive by a supervisor task.
+//!
+//! lapin's own auto-recovery has open bugs around broker restarts, so we do it ourselves and
+//! keep it boring: connect, declare the topology, open one confirm-mode channel that every
+//! publish shares, then wait until anything goes wrong and start over with capped backoff.
+//! While there is no link, publishes fail at once (the receiver answers 503) and `/readyz`
+//! says 503. Consumers watch [`Broker::subscribe`] and re-attach to each new link.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::uri::AMQPUri;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::topology::Topology;
+
+/// Heartbeat asked for when `AMQP_URL` names none: a dead peer is noticed within ~2 of them.
+const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+/// Longest wait for connecting and declaring the topology (a broker that accepts TCP but
+/// never answers must not stall the supervisor).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A live connection with declared topology and a confirm-mode channel.
+#[derive(Clone)]
+pub struct Link {
+    pub connection: Arc<Connection>,
+    channel: Channel,
+    /// Cancelled by whoever sees this link fail; the supervisor then replaces it.
+    broken: CancellationToken,
+}
+
+impl Link {
+    /// Reports the link as unusable so the supervisor reconnects.
+    pub fn report_broken(&self) {
+        self.broken.cancel();
+    }
+}
+
+/// Why a publish did not end in a confirmed, routed message.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("no broker connection")]
+    NotConnected,
+    #[error("broker channel error: {0}")]
+    Channel(#[from] lapin::Error),
+    #[error("broker refused the message (nack)")]
+    Nacked,
+    #[error("no queue is bound for routing key {0:?}")]
+    Unroutable(String),
+    #[error("broker did not confirm within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A message to publish: where to, and what.
+pub struct Outgoing<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
+    pub properties: BasicProperties,
+}
+
+#[derive(Clone)]
+pub struct Broker {
+    link: watch::Receiver<Option<Link>>,
+    confirm_timeout: Duration,
+    closing: CancellationToken,
+    supervisor: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Broker {
+    /// Starts the supervisor; the first connection is made in the background, so a relay
+    /// can start (and report not-ready) while the broker is still down.
+    pub fn start(
+        url: &str,
+        topology: Topology,
+        confirm_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let mut uri: AMQPUri = url.parse()?;
+        uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+        let (tx, rx) = watch::channel(None);
+        let closing = CancellationToken::new();
+        let task = tokio::spawn(supervise(uri, topology, tx, metrics, closing.clone()));
+        Ok(Self {
+            link: rx,
+            confirm_timeout,
+            closing,
+            supervisor: Arc::new(Mutex::new(Some(task))),
+        })
+    }
+
+    pub fn link(&self) -> Option<Link> {
+        self.link.borrow().clone()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.link.borrow().is_some()
+    }
+
+    /// Follows link changes: consumers re-attach whenever a new link appears.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Link>> {
+        self.link.clone()
+    }
+
+    /// Publishes with `mandatory` and waits for the broker's confirm, at most
+    /// `confirm_timeout` for the whole exchange. `Ok` means the message is stored in at least
+    /// one queue. Channel errors mark the link broken; a timeout does not, because a broker
+    /// under a resource alarm blocks publishers without any error and a new connection
+    /// would be blocked as well.
+    pub async fn publish(&self, message: Outgoing<'_>, latency: &Histogram) -> Result<(), PublishError> {
+        let link = self.link().ok_or(PublishError::NotConnected)?;
+        let started = Instant::now();
+        let attempt = async {
+            let confirm = link
+                .channel
+                .basic_publish(
+                    message.exchange.into(),
+                    message.routing_key.into(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    message.body,
+                    message.properties,
+                )
+                .await?;
+            confirm.await
+        };
+        let confirmation = match tokio::time::timeout(self.confirm_timeout, attempt).await {
+            Err(_) => return Err(PublishError::Timeout(self.confirm_timeout)),
+            Ok(Err(e)) => {
+                link.report_broken();
+                return Err(PublishError::Channel(e));
+            }
+            Ok(Ok(confirmation)) => confirmation,
+        };
+        latency.observe(started.elapsed().as_secs_f64());
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(message.routing_key.to_owned())),
+            Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked),
+        }
+    }
+
+    /// Closes the connection once nothing needs it any more (after the worker drained).
+    pub async fn close(&self) {
+        self.closing.cancel();
+        let task = self.supervisor.lock().expect("supervisor lock").take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+async fn supervise(
+    uri: AMQPUri,
+    topology: Topology,
+    state: watch::Sender<Option<Link>>,
+    metrics: Arc<Metrics>,
+    closing: CancellationToken,
+) {
+    let mut backoff = BACKOFF_START;
+    while !closing.is_cancelled() {
+        let connected = tokio::select! {
+            connected = tokio::time::timeout(CONNECT_TIMEOUT, connect(&uri, &topology)) => {
+                connected.unwrap_or_else(|_| Err(lapin::ErrorKind::IOError(std::sync::Arc::new(std::io::ErrorKind::TimedOut.into())).into()))
+            }
+            () = closing.cancelled() => break,
+        };
+        let (link, mut events) = match connected {
+            Ok(connected) => connected,
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "broker connection failed");
+                let jittered = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
+                tokio::select! {
+                    () = tokio::time::sleep(jittered) => {}
+                    () = closing.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = BACKOFF_START;
+        tracing::info!("broker connected, topology declared");
+        metrics.broker_connects.inc();
+        metrics.broker_connected.set(1);
+        state.send_replace(Some(link.clone()));
+
+        let mut poll = tokio::time::interval(Duration::from_millis(500));
+        let reason = loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(Event::Error(error)) => break format!("connection error: {error}"),
+                    Some(Event::ConnectionBlocked(why)) => tracing::warn!(reason = %why, "broker blocked publishing"),
+                    Some(Event::ConnectionUnblocked) => tracing::info!("broker unblocked publishing"),
+                    Some(_) => {}
+                    None => break "connection event stream ended".to_owned(),
+                },
+                () = link.broken.cancelled() => break "a publish failed on the channel".to_owned(),
+                _ = poll.tick() => {
+                    if !link.connection.status().connected() || !link.channel.status().connected() {
+                        break "connection or channel closed".to_owned();
+                    }
+                }
+                () = closing.cancelled() => break "shutting down".to_owned(),
+            }
+        };
+        state.send_replace(None);
+        metrics.broker_connected.set(0);
+        if closing.is_cancelled() {
+            tracing::info!("closing broker connection");
+        } else {
+            tracing::warn!(%reason, "broker link lost; reconnecting");
+        }
+        // Best effort: the peer may already be gone.
+        let _ = tokio::time::timeout(Duration::from_secs(2), link.connection.close(200, "relay reconnecting or stopping".into())).await;
+    }
+}
+
+type EventStream = std::pin::Pin<Box<dyn futures::Stream<Item = Event> + Send>>;
+
+async fn connect(
+    uri: &AMQPUri,
+    topology: &Topology,
+) -> lapin::Result<(Link, EventStream)> {
+    let properties = ConnectionProperties::default().with_connection_name("openai-webhook-relay".into());
+    let connection = Connection::connect_uri(uri.clone(), properties).await?;
+    let events: EventStream = Box::pin(connection.events_listener());
+    let channel = connection.create_channel().await?;
+    topology.declare(&channel).await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let link = Link {
+        connection: Arc::new(connection),
+        channel,
+        broken: CancellationToken::new(),
+    };
+    Ok((link, events))
+}

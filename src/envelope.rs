@@ -1,0 +1,149 @@
+//! The OpenAI event envelope (`{id, type, created_at, data}`) and what each event type points at.
+//!
+//! The receiver parses it once to refuse bodies that are not events (400); the worker
+//! parses it again from the inbox to decide what to fetch. The raw bytes stay the source
+//! of truth: they are what was signed and what `data.event` carries downstream.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// The fields of an event the relay acts on. Everything else rides along in the raw body.
+#[derive(Debug, Deserialize)]
+pub struct Envelope {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub created_at: i64,
+    #[serde(default)]
+    data: Option<EnvelopeData>,
+}
+
+/// `data` is thin: an object id, or for SIP calls a call/session id.
+#[derive(Debug, Default, Deserialize)]
+struct EnvelopeData {
+    id: Option<String>,
+    call_id: Option<String>,
+    session_id: Option<String>,
+}
+
+/// Why a body is not an event envelope.
+#[derive(Debug, thiserror::Error)]
+#[error("body is not an OpenAI event envelope: {0}")]
+pub struct EnvelopeError(#[from] serde_json::Error);
+
+impl Envelope {
+    pub fn parse(body: &[u8]) -> Result<Self, EnvelopeError> {
+        let envelope: Self = serde_json::from_slice(body)?;
+        if envelope.id.is_empty() || envelope.kind.is_empty() {
+            return Err(EnvelopeError(serde::de::Error::custom("empty `id` or `type`")));
+        }
+        Ok(envelope)
+    }
+
+    /// The id of the object the event is about: the CloudEvent `subject`.
+    pub fn subject(&self) -> Option<&str> {
+        let data = self.data.as_ref()?;
+        data.id.as_deref().or(data.call_id.as_deref()).or(data.session_id.as_deref())
+    }
+
+    /// The API object to fetch for this event, if there is one we can fetch by id alone.
+    /// `eval.run.*` is absent on purpose: a run is only addressable with its eval id, which
+    /// the event does not carry.
+    pub fn target(&self) -> Option<Target<'_>> {
+        let kind = ObjectKind::for_event(&self.kind)?;
+        Some(Target { kind, id: self.data.as_ref()?.id.as_deref()? })
+    }
+}
+
+/// The kinds of object the worker fetches, named as their field in the CloudEvent's `data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    Response,
+    Batch,
+    FineTuningJob,
+}
+
+impl ObjectKind {
+    pub fn for_event(event_type: &str) -> Option<Self> {
+        let (prefix, _) = event_type.rsplit_once('.')?;
+        match prefix {
+            "response" => Some(Self::Response),
+            "batch" => Some(Self::Batch),
+            "fine_tuning.job" => Some(Self::FineTuningJob),
+            _ => None,
+        }
+    }
+
+    /// The key under which the fetched object sits in the CloudEvent's `data`.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Response => "response",
+            Self::Batch => "batch",
+            Self::FineTuningJob => "fine_tuning_job",
+        }
+    }
+
+    /// API path below `OPENAI_BASE_URL`.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Response => "responses",
+            Self::Batch => "batches",
+            Self::FineTuningJob => "fine_tuning/jobs",
+        }
+    }
+}
+
+/// An object to fetch: its kind and id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target<'a> {
+    pub kind: ObjectKind,
+    pub id: &'a str,
+}
+
+/// The body as a JSON value that is embedded verbatim, never re-serialized.
+pub fn raw(body: &[u8]) -> Result<&RawValue, EnvelopeError> {
+    Ok(serde_json::from_slice(body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_fetchable_kind_maps_to_its_endpoint() {
+        let cases = [
+            ("response.completed", Some("responses")),
+            ("response.incomplete", Some("responses")),
+            ("batch.expired", Some("batches")),
+            ("fine_tuning.job.succeeded", Some("fine_tuning/jobs")),
+            ("eval.run.canceled", None),
+            ("realtime.call.incoming", None),
+            ("something.new", None),
+            ("response", None),
+        ];
+        for (event_type, path) in cases {
+            assert_eq!(ObjectKind::for_event(event_type).map(ObjectKind::path), path, "{event_type}");
+        }
+    }
+
+    #[test]
+    fn envelope_without_object_field_parses() {
+        let e = Envelope::parse(br#"{"id":"evt_1","type":"batch.completed","created_at":1,"data":{"id":"batch_1"}}"#).unwrap();
+        assert_eq!(e.target(), Some(Target { kind: ObjectKind::Batch, id: "batch_1" }));
+        assert_eq!(e.subject(), Some("batch_1"));
+    }
+
+    #[test]
+    fn realtime_call_subject_is_the_call_id() {
+        let e = Envelope::parse(br#"{"id":"evt_1","type":"realtime.call.incoming","created_at":1,"data":{"call_id":"rtc_1","sip_headers":[]}}"#).unwrap();
+        assert_eq!(e.subject(), Some("rtc_1"));
+        assert_eq!(e.target(), None);
+    }
+
+    #[test]
+    fn non_events_are_refused() {
+        for body in [&b"not json"[..], b"[]", br#"{"id":"evt_1"}"#, br#"{"id":"","type":"x","created_at":1}"#, br#"{"id":"e","type":"x","created_at":"soon"}"#] {
+            assert!(Envelope::parse(body).is_err(), "{}", String::from_utf8_lossy(body));
+        }
+    }
+}

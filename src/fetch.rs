@@ -1,0 +1,257 @@
+//! Fetching the full object an event points at from the OpenAI API (worker stage 1).
+//!
+//! One attempt per call: the worker decides about retries, because a retry must survive a
+//! crash and so is parked in RabbitMQ rather than slept on here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use reqwest::header::HeaderMap;
+use reqwest::{StatusCode, Url};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::value::RawValue;
+
+use crate::envelope::Target;
+use crate::metrics::Metrics;
+
+/// What a completed fetch gives.
+#[derive(Debug)]
+pub enum Fetched {
+    /// The object, exactly as the API sent it.
+    Object(Box<RawValue>),
+    /// 404: the object is gone (an unstored background response lives ~10 minutes, while
+    /// OpenAI retries a delivery for up to 72 hours). Final, not retried.
+    Gone { message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("timed out")]
+    Timeout,
+    #[error("connection failed: {0}")]
+    Connect(String),
+    #[error("HTTP {status}: {message}")]
+    Status { status: u16, message: String, retry_after: Option<Duration> },
+    #[error("object exceeds the {0}-byte limit (RELAY_MAX_OBJECT_BYTES)")]
+    TooLarge(usize),
+    #[error("body is not JSON: {0}")]
+    Decode(String),
+}
+
+impl FetchError {
+    /// Worth another attempt later. 401/403 count: they mean the relay's key is wrong or
+    /// revoked, which an operator fixes without losing the events meanwhile.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Timeout | Self::Connect(_) | Self::Decode(_) => true,
+            Self::Status { status, .. } => matches!(status, 401 | 403 | 408 | 409 | 429 | 500..),
+            Self::TooLarge(_) => false,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The delay the API asked for (`retry-after-ms` or `Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Short label for metrics and dead-letter headers.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Timeout => "timeout".into(),
+            Self::Connect(_) => "connect".into(),
+            Self::Status { status, .. } => status.to_string(),
+            Self::TooLarge(_) => "too_large".into(),
+            Self::Decode(_) => "decode".into(),
+        }
+    }
+}
+
+/// The OpenAI API, as far as the relay needs it.
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: Url,
+    key: SecretString,
+    max_bytes: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl ApiClient {
+    pub fn new(base: Url, key: SecretString, timeout: Duration, max_bytes: usize, metrics: Arc<Metrics>) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .user_agent(concat!("openai-webhook-relay/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("reqwest client with static settings");
+        Self { http, base, key, max_bytes, metrics }
+    }
+
+    fn url(&self, target: Target<'_>) -> Url {
+        let mut url = self.base.clone();
+        {
+            // `push` percent-encodes, so an odd id cannot climb out of its path segment.
+            let mut segments = url.path_segments_mut().expect("http(s) base URL");
+            segments.pop_if_empty().extend(target.kind.path().split('/')).push(target.id);
+        }
+        url
+    }
+
+    #[tracing::instrument(name = "fetch", skip_all, fields(object_id = target.id, status))]
+    pub async fn fetch(&self, target: Target<'_>) -> Result<Fetched, FetchError> {
+        let started = Instant::now();
+        let result = self.attempt(target).await;
+        let kind = target.kind.field();
+        let status = match &result {
+            Ok(Fetched::Object(_)) => "200".to_owned(),
+            Ok(Fetched::Gone { .. }) => "404".to_owned(),
+            Err(e) => e.reason(),
+        };
+        tracing::Span::current().record("status", status.as_str());
+        self.metrics.fetches.get_or_create(&vec![("kind", kind.to_owned()), ("status", status)]).inc();
+        self.metrics
+            .fetch_seconds
+            .get_or_create(&vec![("kind", kind.to_owned())])
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn attempt(&self, target: Target<'_>) -> Result<Fetched, FetchError> {
+        let response = self
+            .http
+            .get(self.url(target))
+            .bearer_auth(self.key.expose_secret())
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        if response.content_length().is_some_and(|n| n > self.max_bytes as u64) {
+            return Err(FetchError::TooLarge(self.max_bytes));
+        }
+        let body = self.read_capped(response).await?;
+        if status == StatusCode::NOT_FOUND {
+            return Ok(Fetched::Gone { message: error_message(&body) });
+        }
+        if !status.is_success() {
+            return Err(FetchError::Status { status: status.as_u16(), message: error_message(&body), retry_after });
+        }
+        serde_json::from_slice::<Box<RawValue>>(&body)
+            .map(Fetched::Object)
+            .map_err(|e| FetchError::Decode(e.to_string()))
+    }
+
+    /// Reads the body without ever holding more than the limit (chunked bodies carry no length).
+    async fn read_capped(&self, mut response: reqwest::Response) -> Result<Vec<u8>, FetchError> {
+        let mut body = Vec::with_capacity(response.content_length().unwrap_or(0) as usize);
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > self.max_bytes {
+                return Err(FetchError::TooLarge(self.max_bytes));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+fn transport(error: reqwest::Error) -> FetchError {
+    if error.is_timeout() {
+        FetchError::Timeout
+    } else {
+        // Walk the sources: reqwest's own message is only "error sending request".
+        let mut message = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(inner) = source {
+            message = format!("{message}: {inner}");
+            source = inner.source();
+        }
+        FetchError::Connect(message)
+    }
+}
+
+/// `{"error": {"message": ...}}` as the API sends it, else the start of the body.
+fn error_message(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: Inner,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        message: String,
+    }
+    match serde_json::from_slice::<Body>(body) {
+        Ok(parsed) => parsed.error.message,
+        Err(_) => String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+    }
+}
+
+/// `retry-after-ms` (OpenAI's, milliseconds) wins over `Retry-After` (seconds or HTTP date).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+    if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        return (ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
+    }
+    let value = text("retry-after")?;
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn retry_after_ms_wins_over_retry_after() {
+        let h = headers(&[("retry-after-ms", "1500"), ("retry-after", "9")]);
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+        assert_eq!(retry_after(&headers(&[("retry-after", "9")])), Some(Duration::from_secs(9)));
+        assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
+        assert_eq!(retry_after(&headers(&[])), None);
+    }
+
+    #[test]
+    fn retry_after_accepts_an_http_date() {
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        let got = retry_after(&headers(&[("retry-after", &later)])).unwrap();
+        assert!(got > Duration::from_secs(27) && got <= Duration::from_secs(30), "{got:?}");
+    }
+
+    #[test]
+    fn transient_and_misconfiguration_statuses_are_retryable() {
+        let status = |s| FetchError::Status { status: s, message: String::new(), retry_after: None };
+        for s in [401, 403, 408, 409, 429, 500, 502, 503] {
+            assert!(status(s).is_retryable(), "{s}");
+        }
+        for s in [400, 410, 422] {
+            assert!(!status(s).is_retryable(), "{s}");
+        }
+        assert!(!FetchError::TooLarge(1).is_retryable());
+    }
+
+    #[test]
+    fn error_messages_come_from_the_api_error_body() {
+        assert_eq!(error_message(br#"{"error":{"message":"Response with id 'resp_1' not found.","type":"invalid_request_error"}}"#), "Response with id 'resp_1' not found.");
+        assert_eq!(error_message(b"<html>bad gateway</html>"), "<html>bad gateway</html>");
+    }
+}

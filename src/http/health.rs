@@ -1,0 +1,31 @@
+//! Liveness, readiness and metrics endpoints for load balancers and Prometheus.
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+
+use super::AppState;
+
+/// 200 while the process can answer at all.
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// 200 only while the broker link is up and the relay is not shutting down, so a load
+/// balancer stops sending before deliveries would be refused.
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    if state.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    } else if state.broker.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "broker not connected")
+    }
+}
+
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.render(),
+    )
+}

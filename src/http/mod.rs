@@ -1,0 +1,54 @@
+//! The HTTP face of the relay: the webhook route (receiver role) and the operational routes.
+
+mod error;
+mod health;
+mod receive;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+
+use crate::broker::Broker;
+use crate::inbox::Inbox;
+use crate::metrics::Metrics;
+use crate::verify::Verifier;
+
+/// Cheap handles shared by all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub broker: Broker,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+    pub verifier: Arc<Verifier>,
+    pub inbox: Inbox,
+    pub body_limit: usize,
+    pub in_flight: Arc<Semaphore>,
+}
+
+/// Routes. The webhook route exists only when this process runs the receiver role.
+pub fn router(state: AppState, receiver: bool, request_timeout: Duration) -> Router {
+    let mut router = Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics));
+    if receiver {
+        router = router.route(
+            "/webhooks/openai",
+            post(receive::receive).layer(DefaultBodyLimit::max(state.body_limit)),
+        );
+    }
+    router
+        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, request_timeout))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

@@ -1,0 +1,62 @@
+//! `POST /webhooks/openai`: verify, check it is an event, store it in the inbox, then 200.
+//!
+//! The 200 goes out only after the broker confirmed the stored copy: from then on OpenAI
+//! stops retrying, so an acknowledged event must already be durable.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tracing::Span;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::envelope::Envelope;
+use crate::inbox::{HEADER_TRACEPARENT, unix_now};
+use crate::metrics::{InFlight, label};
+
+#[tracing::instrument(name = "receive", skip_all, fields(webhook_id, event_id, event_type))]
+pub async fn receive(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = handle(&state, &headers, body).await;
+    let outcome = result.as_ref().map_or_else(ApiError::outcome, |_| "accepted");
+    state.metrics.deliveries.get_or_create(&label("outcome", outcome)).inc();
+    if let Err(ApiError::Verify(e)) = &result {
+        state.metrics.verify_failures.get_or_create(&label("reason", e.reason())).inc();
+    }
+    result.into_response()
+}
+
+async fn handle(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    // Held until the answer is ready: bounds the requests waiting on the broker.
+    let _permit = state.in_flight.clone().try_acquire_owned().map_err(|_| ApiError::Busy)?;
+    let _gauge = InFlight::track(&state.metrics.requests_in_flight);
+    let body = body.map_err(|rejection| match rejection {
+        BytesRejection::FailedToBufferBody(inner) if inner.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::TooLarge(state.body_limit)
+        }
+        other => ApiError::UnreadableBody(other.body_text()),
+    })?;
+
+    let verified = state.verifier.verify(headers, body, unix_now())?;
+    let span = Span::current();
+    span.record("webhook_id", verified.id());
+    let envelope = Envelope::parse(verified.body())?;
+    span.record("event_id", envelope.id.as_str());
+    span.record("event_type", envelope.kind.as_str());
+
+    let traceparent = headers.get(HEADER_TRACEPARENT).and_then(|v| v.to_str().ok());
+    state.inbox.store(&verified, traceparent).await?;
+    tracing::info!("delivery stored in the inbox");
+    Ok(Json(json!({ "status": "stored", "webhook_id": verified.id() })))
+}

@@ -1,0 +1,39 @@
+//! openai-webhook-relay: receives OpenAI webhooks, stores them durably in RabbitMQ, fetches
+//! the objects they point at, and publishes them as CloudEvents, so nothing polls.
+//!
+//! # Layout
+//! In the order a delivery moves through the relay:
+//!
+//! - [`http`]: the HTTP routes; `http::receive` is the webhook endpoint.
+//! - [`verify`]: Standard Webhooks signature and timestamp checks → `Verified`.
+//! - [`envelope`]: the event envelope, and which object an event type points at.
+//! - [`inbox`]: stores a verified delivery in the durable inbox queue (then 200).
+//! - [`worker`]: consumes the inbox; retries and dead letters live in `worker::retry`.
+//! - [`fetch`]: gets the object from the OpenAI API.
+//! - [`normalize`]: builds the CloudEvent (pure).
+//! - [`publish`]: publishes it to the output topic exchange.
+//!
+//! Around them: [`broker`] keeps the RabbitMQ connection alive, [`topology`] names and
+//! declares the queues and exchange, [`config`] reads flags and environment, [`app`] wires a
+//! process together, [`metrics`], [`telemetry`] and [`shutdown`] serve operations, and
+//! [`cli`] holds the operator subcommands.
+
+pub mod app;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod envelope;
+pub mod fetch;
+pub mod http;
+pub mod inbox;
+pub mod metrics;
+pub mod normalize;
+pub mod publish;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topology;
+pub mod verify;
+pub mod worker;
+
+pub use app::App;
+pub use config::{Cli, Command, Config};

@@ -1,0 +1,133 @@
+//! Turning a verified event and what was fetched for it into the published CloudEvent
+//! (worker stage 2). Pure: no IO, so it is tested against files in `fixtures/`.
+//!
+//! The event envelope and the fetched object are embedded as the exact JSON text received,
+//! never re-serialized; only `output_text` is computed.
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::envelope::{Envelope, ObjectKind};
+
+/// What the worker learned about the event's object.
+#[derive(Debug, Clone, Copy)]
+pub enum Enrichment<'a> {
+    /// Nothing to fetch for this event type (or a type this version does not know).
+    None,
+    Object(ObjectKind, &'a RawValue),
+    /// The API answered 404.
+    Gone { status: u16, message: &'a str },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NormalizeError {
+    #[error("created_at {0} is not a representable time")]
+    Time(i64),
+    #[error("could not encode the CloudEvent: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// The CloudEvents 1.0 structured-mode JSON for one event.
+pub fn normalize(
+    envelope: &Envelope,
+    raw_event: &RawValue,
+    source: &str,
+    enrichment: Enrichment<'_>,
+) -> Result<Vec<u8>, NormalizeError> {
+    let time = OffsetDateTime::from_unix_timestamp(envelope.created_at)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .ok_or(NormalizeError::Time(envelope.created_at))?;
+    let event = CloudEvent {
+        specversion: "1.0",
+        id: &envelope.id,
+        source,
+        kind: format!("com.openai.{}", envelope.kind),
+        subject: envelope.subject(),
+        time,
+        datacontenttype: "application/json",
+        data: Data { event: raw_event, enrichment },
+    };
+    Ok(serde_json::to_vec(&event)?)
+}
+
+#[derive(serde::Serialize)]
+struct CloudEvent<'a> {
+    specversion: &'static str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'a str>,
+    time: String,
+    datacontenttype: &'static str,
+    data: Data<'a>,
+}
+
+struct Data<'a> {
+    event: &'a RawValue,
+    enrichment: Enrichment<'a>,
+}
+
+/// By hand, because the object's key depends on its kind.
+impl Serialize for Data<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("event", self.event)?;
+        match self.enrichment {
+            Enrichment::None => {}
+            Enrichment::Object(kind, object) => {
+                map.serialize_entry(kind.field(), object)?;
+                if kind == ObjectKind::Response {
+                    map.serialize_entry("output_text", &output_text(object))?;
+                }
+            }
+            Enrichment::Gone { status, message } => {
+                map.serialize_entry("fetch_error", &serde_json::json!({ "status": status, "message": message }))?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// What the SDKs call `response.output_text`: the `output_text` parts of the message items,
+/// concatenated. `None` when there are none (a failed response, or only tool calls).
+pub fn output_text(response: &RawValue) -> Option<String> {
+    // Only these fields are read; serde skips the rest of a possibly large object.
+    #[derive(Deserialize)]
+    struct Response {
+        #[serde(default)]
+        output: Vec<Item>,
+    }
+    #[derive(Deserialize)]
+    struct Item {
+        #[serde(rename = "type")]
+        kind: String,
+        /// Parsed only for message items: other item kinds shape `content` their own way.
+        content: Option<Box<RawValue>>,
+    }
+    #[derive(Deserialize)]
+    struct Part {
+        #[serde(rename = "type")]
+        kind: String,
+        text: Option<String>,
+    }
+    let response: Response = serde_json::from_str(response.get()).ok()?;
+    let parts: Vec<String> = response
+        .output
+        .into_iter()
+        .filter(|item| item.kind == "message")
+        .filter_map(|item| serde_json::from_str::<Vec<Part>>(item.content?.get()).ok())
+        .flatten()
+        .filter(|part| part.kind == "output_text")
+        .filter_map(|part| part.text)
+        .collect();
+    (!parts.is_empty()).then(|| parts.concat())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,62 @@
+//! Publishing a normalized CloudEvent to the output topic exchange (worker stage 3).
+//!
+//! Routing key = the OpenAI event type, so consumers bind `response.*` or `#`. Published
+//! persistent and `mandatory`: an event no queue would take comes back as unroutable and
+//! the worker retries it instead of losing it.
+
+use std::sync::Arc;
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
+
+use crate::broker::{Broker, Outgoing, PublishError};
+use crate::envelope::Envelope;
+use crate::inbox::{HEADER_TRACEPARENT, PERSISTENT};
+use crate::metrics::Metrics;
+use crate::verify::HEADER_ID;
+
+pub const CONTENT_TYPE: &str = "application/cloudevents+json";
+
+#[derive(Clone)]
+pub struct EventPublisher {
+    broker: Broker,
+    exchange: Arc<str>,
+    metrics: Arc<Metrics>,
+}
+
+impl EventPublisher {
+    pub fn new(broker: Broker, exchange: &str, metrics: Arc<Metrics>) -> Self {
+        Self { broker, exchange: exchange.into(), metrics }
+    }
+
+    /// Publishes `cloud_event` (the output of `normalize`) and waits for the broker's confirm.
+    pub async fn publish(
+        &self,
+        envelope: &Envelope,
+        webhook_id: &str,
+        traceparent: Option<&str>,
+        cloud_event: &[u8],
+    ) -> Result<(), PublishError> {
+        let mut headers = FieldTable::default();
+        headers.insert(HEADER_ID.into(), AMQPValue::LongString(webhook_id.into()));
+        if let Some(tp) = traceparent {
+            headers.insert(HEADER_TRACEPARENT.into(), AMQPValue::LongString(tp.into()));
+        }
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_content_type(CONTENT_TYPE.into())
+            .with_message_id(envelope.id.as_str().into())
+            .with_type(envelope.kind.as_str().into())
+            .with_headers(headers);
+        // AMQP timestamps are unsigned; a (nonsensical) negative created_at is left out.
+        if let Ok(created_at) = u64::try_from(envelope.created_at) {
+            properties = properties.with_timestamp(created_at);
+        }
+        let message = Outgoing { exchange: &self.exchange, routing_key: &envelope.kind, body: cloud_event, properties };
+        let result = self.broker.publish(message, &self.metrics.publish_confirm_seconds).await;
+        if matches!(result, Err(PublishError::Unroutable(_))) {
+            self.metrics.unroutable.inc();
+        }
+        result
+    }
+}

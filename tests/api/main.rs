@@ -1,0 +1,11 @@
+//! Integration tests: the relay on port 0, the real RabbitMQ at `AMQP_URL` (default local),
+//! and a fake OpenAI API serving `fixtures/openai/`. Each test gets its own exchange and
+//! queues and deletes them when it ends, so tests run in parallel and leave nothing behind.
+//! A test that cannot reach RabbitMQ fails and says so: `.ci/run` starts the broker.
+
+mod fake_openai;
+mod helpers;
+mod receiver;
+
+mod worker;
+mod operations;
