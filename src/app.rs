@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::fetch::ApiClient;
-use crate::http::{AppState, router};
+use crate::http::{AppState, ConnectionLimits, router, serve};
 use crate::inbox::Inbox;
 use crate::metrics::Metrics;
 use crate::publish::EventPublisher;
@@ -25,6 +25,7 @@ use crate::worker::{Dedup, Worker};
 pub struct App {
     listener: TcpListener,
     router: axum::Router,
+    limits: ConnectionLimits,
     broker: Broker,
     worker: Option<Worker>,
     shutdown: CancellationToken,
@@ -84,9 +85,14 @@ impl App {
             }),
             _ => None,
         };
+        let limits = ConnectionLimits {
+            max_connections: args.max_connections,
+            header_timeout: Duration::from_secs(args.header_timeout_secs),
+        };
         Ok(Self {
             listener,
             router,
+            limits,
             broker,
             worker,
             shutdown,
@@ -102,11 +108,8 @@ impl App {
     /// requests in flight finish, let the worker finish the deliveries it holds (bounded by
     /// `RELAY_SHUTDOWN_TIMEOUT_SECS`; unfinished ones are redelivered later), close the broker.
     pub async fn run_until(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Self { listener, router, broker, worker, shutdown, shutdown_timeout } = self;
-        let server = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future();
-        let server = tokio::spawn(server);
+        let Self { listener, router, limits, broker, worker, shutdown, shutdown_timeout } = self;
+        let server = tokio::spawn(serve(listener, router, limits, shutdown.clone()));
         let worker = worker.map(|w| tokio::spawn(Arc::new(w).run(shutdown.clone())));
 
         signal.await;
@@ -122,11 +125,10 @@ impl App {
         .await;
         broker.close().await;
         match drained {
-            Ok(Ok(Ok(()))) => {
+            Ok(Ok(())) => {
                 tracing::info!("stopped cleanly");
                 Ok(())
             }
-            Ok(Ok(Err(e))) => Err(e).context("HTTP server failed"),
             Ok(Err(e)) => Err(e).context("HTTP server task panicked"),
             Err(_) => {
                 tracing::warn!(?shutdown_timeout, "shutdown timed out; unfinished deliveries will be redelivered");

@@ -27,6 +27,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Sign a delivery exactly as OpenAI does and POST it to a relay.
     Send(crate::cli::SendArgs),
+    /// Print the relay's events as they arrive (a temporary queue on the output exchange).
+    Tail(crate::cli::TailArgs),
+    /// Move dead letters back into the inbox, with a count; `--dry-run` only lists them.
+    ReplayDead(crate::cli::ReplayArgs),
 }
 
 /// Which halves of the pipeline this process runs.
@@ -90,6 +94,12 @@ pub struct ServeArgs {
     /// Webhook requests handled at once; more are answered 503 at once.
     #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = 4096)]
     pub max_in_flight: usize,
+    /// Open HTTP connections; more are closed at once.
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (also the keep-alive idle limit).
+    #[arg(long, env = "RELAY_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_timeout_secs: u64,
     /// Longest wait for the broker's confirm of one publish, in milliseconds.
     #[arg(long, env = "RELAY_CONFIRM_TIMEOUT_MS", default_value_t = 3000)]
     pub confirm_timeout_ms: u64,

@@ -12,6 +12,8 @@ async fn main() -> ExitCode {
     let result = match command.unwrap_or(Command::Serve(serve)) {
         Command::Serve(args) => run(args).await,
         Command::Send(args) => cli::send(args).await,
+        Command::Tail(args) => cli::tail(args).await,
+        Command::ReplayDead(args) => cli::replay_dead(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

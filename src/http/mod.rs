@@ -3,6 +3,7 @@
 mod error;
 mod health;
 mod receive;
+mod serve;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
+pub use serve::{ConnectionLimits, serve};
 
 use crate::broker::Broker;
 use crate::inbox::Inbox;

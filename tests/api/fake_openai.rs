@@ -77,6 +77,13 @@ impl FakeOpenAi {
         self.inner.lock().unwrap().always.insert(id.to_owned(), answer);
     }
 
+    /// Forget scripted answers for `id`: the fixture is served again.
+    pub fn clear(&self, id: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.scripts.remove(id);
+        inner.always.remove(id);
+    }
+
     pub fn requests(&self, id: &str) -> usize {
         self.inner.lock().unwrap().requests.get(id).copied().unwrap_or(0)
     }

@@ -240,7 +240,7 @@ impl Amqp {
 }
 
 /// Deletes a test's exchange and queues when dropped, even when the test panicked.
-struct Cleanup(Topology);
+pub struct Cleanup(pub Topology);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {

@@ -9,3 +9,5 @@ mod receiver;
 
 mod worker;
 mod operations;
+mod proxy;
+mod cli;

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use openai_webhook_relay::inbox::header;
+
 use crate::helpers::{Options, event, spawn_relay};
 
 #[tokio::test]
@@ -11,4 +13,200 @@ async fn stopping_the_relay_finishes_cleanly() {
     assert_eq!(relay.deliver(&event("something.new", "x_1")).await.status(), 200);
     assert!(relay.amqp.next(&queue, Duration::from_secs(10)).await.is_some());
     tokio::time::timeout(Duration::from_secs(10), relay.stop()).await.expect("stops in time").expect("stops without error");
+}
+
+async fn closed_by_server(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(within, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // e.g. a 408 before closing
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_header_senders_are_cut_off_and_others_still_served() {
+    use tokio::io::AsyncWriteExt;
+    let relay = spawn_relay(Options::default().role("receiver").arg("--header-timeout-secs", 1)).await;
+    let addr = relay.url.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"POST /webhooks/openai HTTP/1.1\r\nHost: x\r\nwebhook-id: wh_1\r\n").await.unwrap();
+    assert_eq!(relay.deliver(&event("response.completed", "resp_1")).await.status(), 200, "others are served meanwhile");
+    assert!(closed_by_server(&mut slow, Duration::from_secs(3)).await, "slowloris connection closed");
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert!(closed_by_server(&mut idle, Duration::from_secs(3)).await, "idle connection closed");
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed_at_once() {
+    let relay = spawn_relay(Options::default().role("receiver").arg("--max-connections", 2).arg("--header-timeout-secs", 30)).await;
+    let addr = relay.url.trim_start_matches("http://").to_owned();
+    let _a = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert!(closed_by_server(&mut c, Duration::from_secs(2)).await, "third connection refused");
+    drop((_a, _b));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(relay.deliver(&event("response.completed", "resp_1")).await.status(), 200, "served again once slots free up");
+}
+
+/// Waits until `GET /readyz` answers `status`, returning how long that took.
+async fn readyz_becomes(relay: &crate::helpers::Relay, status: u16, within: Duration) -> Duration {
+    let started = std::time::Instant::now();
+    loop {
+        if relay.get("/readyz").await.status() == status {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "/readyz not {status} after {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_cut_broker_connection_gives_503_then_heals_by_itself_without_losing_events() {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
+
+    let proxy = crate::proxy::Proxy::start("127.0.0.1:5672").await;
+    let relay = Arc::new(spawn_relay(Options { amqp_url: proxy.amqp_url(), ..Default::default() }).await);
+    relay.wait_ready().await;
+    let queue = relay.bind("#").await; // the test's own connection does not pass the proxy
+
+    // Senders keep delivering through the cuts and remember which events got a 200.
+    let accepted = Arc::new(Mutex::new(HashSet::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut senders = Vec::new();
+    for _ in 0..4 {
+        let (relay, accepted, stop) = (relay.clone(), accepted.clone(), stop.clone());
+        senders.push(tokio::spawn(async move {
+            let mut refused = 0;
+            while !stop.is_cancelled() {
+                let body = event("something.new", "x_1");
+                let started = std::time::Instant::now();
+                let status = relay.deliver(&body).await.status().as_u16();
+                assert!(started.elapsed() < Duration::from_secs(4), "a delivery hung for {:?}", started.elapsed());
+                match status {
+                    200 => {
+                        let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_str().unwrap().to_owned();
+                        accepted.lock().unwrap().insert(id);
+                    }
+                    503 => refused += 1,
+                    other => panic!("unexpected {other}"),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            refused
+        }));
+    }
+
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        proxy.cut();
+        let noticed = readyz_becomes(&relay, 503, Duration::from_secs(2)).await;
+        assert!(noticed < Duration::from_secs(2), "noticed after {noticed:?}");
+        assert_eq!(relay.deliver(&event("something.new", "x_1")).await.status(), 503, "refused while the broker is away");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        proxy.restore();
+        readyz_becomes(&relay, 200, Duration::from_secs(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let mut refused = 0;
+    for sender in senders {
+        refused += sender.await.unwrap();
+    }
+
+    // Every accepted event comes out once the worker has re-attached.
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(!accepted.is_empty());
+    let mut published = HashSet::new();
+    while !accepted.is_subset(&published) {
+        let Some(delivery) = relay.amqp.next(&queue, Duration::from_secs(15)).await else { break };
+        published.insert(delivery.properties.message_id().as_ref().unwrap().to_string());
+    }
+    let lost: Vec<_> = accepted.difference(&published).collect();
+    println!("broker cuts: accepted={} refused={refused} published={} lost={}", accepted.len(), published.len(), lost.len());
+    assert!(lost.is_empty(), "accepted but never published: {lost:?}");
+    let metrics = relay.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("relay_broker_connects_total 3"), "{metrics}");
+}
+
+/// Starts the real binary with the given extra environment.
+pub fn spawn_binary(openai: &crate::fake_openai::FakeOpenAi, topology: &openai_webhook_relay::topology::Topology, port: u16) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_openai-webhook-relay"))
+        .env("OPENAI_WEBHOOK_SECRET", crate::helpers::secret_text())
+        .env("OPENAI_API_KEY", crate::fake_openai::API_KEY)
+        .env("OPENAI_BASE_URL", &openai.base_url)
+        .env("AMQP_URL", crate::helpers::amqp_url())
+        .env("RELAY_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RELAY_EXCHANGE", &topology.exchange)
+        .env("RELAY_INBOX_QUEUE", &topology.inbox)
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the relay binary starts")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_delivery_in_hand_finish_and_exits_0() {
+    use crate::fake_openai::{FakeOpenAi, Scripted};
+    use crate::helpers::{Amqp, Cleanup, unique_topology};
+
+    let openai = FakeOpenAi::start().await;
+    let topology = unique_topology();
+    let _cleanup = Cleanup(topology.clone());
+    let port = free_port();
+    let mut child = spawn_binary(&openai, &topology, port);
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while http.get(format!("{base}/readyz")).send().await.map(|r| r.status().as_u16()).ok() != Some(200) {
+        assert!(std::time::Instant::now() < deadline, "binary never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let amqp = Amqp::connect().await;
+    let queue = amqp.bind(&topology.exchange, "#").await;
+
+    // A fetch that takes 1.5 s is in flight when SIGTERM arrives.
+    let fixture = std::fs::read_to_string(format!("{}/fixtures/openai/responses/resp_completed01.json", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    openai.script("resp_completed01", [Scripted::status(200).body(&fixture).delay(Duration::from_millis(1500))]);
+    let body = event("response.completed", "resp_completed01");
+    let id = crate::helpers::webhook_id();
+    let ts = openai_webhook_relay::inbox::unix_now().to_string();
+    let sig = openai_webhook_relay::verify::Secret::parse(&crate::helpers::secret_text()).unwrap().sign(&id, &ts, body.as_bytes());
+    let response = http
+        .post(format!("{base}/webhooks/openai"))
+        .header("webhook-id", &id)
+        .header("webhook-timestamp", &ts)
+        .header("webhook-signature", sig)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    while openai.requests("resp_completed01") == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+
+    let started = std::time::Instant::now();
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "still running 15 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(exit.code(), Some(0));
+    let published = amqp.next(&queue, Duration::ZERO).await.expect("the delivery in hand was published before exit");
+    assert_eq!(header(&published.properties, "webhook-id"), Some(id.as_str()));
+    assert_eq!(amqp.count(&topology.inbox).await, 0, "and acked");
 }

@@ -1,4 +1,4 @@
-//! Operator subcommands beside `serve`.
+//! `send`: sign a delivery exactly as OpenAI does and POST it, to try a deployment without OpenAI.
 
 use std::path::PathBuf;
 
