@@ -144,7 +144,13 @@ impl Broker {
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(message.routing_key.to_owned())),
-            Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked),
+            Confirmation::Nack(_) | Confirmation::NotRequested => {
+                // Seen on RabbitMQ 3.10: once a quorum queue rejects a publish (overflow
+                // `reject-publish`), the channel keeps getting nacks even after the queue has
+                // room again; only a new channel recovers. So a nack replaces the link.
+                link.report_broken();
+                Err(PublishError::Nacked)
+            }
         }
     }
 

@@ -95,7 +95,7 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = 4096)]
     pub max_in_flight: usize,
     /// Open HTTP connections; more are closed at once.
-    #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: usize,
     /// Seconds a client has to send a request's headers (also the keep-alive idle limit).
     #[arg(long, env = "RELAY_HEADER_TIMEOUT_SECS", default_value_t = 10)]

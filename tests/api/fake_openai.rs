@@ -21,12 +21,14 @@ pub struct Scripted {
     pub headers: Vec<(&'static str, String)>,
     pub body: String,
     pub delay: Duration,
+    /// Send the head and part of the body, then drop the connection.
+    pub reset: bool,
 }
 
 impl Scripted {
     pub fn status(status: u16) -> Self {
         let body = format!(r#"{{"error":{{"message":"scripted {status}","type":"server_error","param":null,"code":null}}}}"#);
-        Self { status, headers: Vec::new(), body, delay: Duration::ZERO }
+        Self { status, headers: Vec::new(), body, delay: Duration::ZERO, reset: false }
     }
     pub fn header(mut self, name: &'static str, value: &str) -> Self {
         self.headers.push((name, value.to_owned()));
@@ -35,6 +37,10 @@ impl Scripted {
     pub fn body(mut self, body: &str) -> Self {
         self.body = body.to_owned();
         self
+    }
+    /// A 200 whose body breaks off mid-way with the connection dropped.
+    pub fn reset() -> Self {
+        Self { reset: true, ..Self::status(200).body(r#"{"id": "resp_reset", "object": "response", "output": [{"#) }
     }
     pub fn delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
@@ -114,6 +120,10 @@ async fn serve(State(inner): State<Arc<Mutex<Inner>>>, Path(rest): Path<String>,
         let mut response = Response::builder().status(answer.status).header("content-type", "application/json");
         for (name, value) in answer.headers {
             response = response.header(name, value);
+        }
+        if answer.reset {
+            let chunks: Vec<Result<String, std::io::Error>> = vec![Ok(answer.body), Err(std::io::ErrorKind::ConnectionReset.into())];
+            return response.body(Body::from_stream(futures::stream::iter(chunks))).unwrap();
         }
         return response.body(Body::from(answer.body)).unwrap();
     }

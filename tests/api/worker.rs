@@ -136,15 +136,16 @@ async fn server_errors_timeouts_resets_and_truncated_json_are_retried() {
             Scripted::status(500),
             Scripted::status(503).header("retry-after", "0"),
             Scripted::status(200).body(r#"{"id": "resp_completed01", "outp"#),
+            Scripted::reset(),
             Scripted::status(200).delay(Duration::from_millis(1500)),
         ],
     );
     assert_eq!(relay.deliver(&fixture("webhooks/response.completed.json")).await.status(), 200);
     let cloud_event = json(&relay.amqp.next(&queue, Duration::from_secs(30)).await.expect("published after retries"));
     assert_eq!(cloud_event["data"]["response"]["status"], "completed");
-    assert_eq!(relay.openai.requests("resp_completed01"), 5);
+    assert_eq!(relay.openai.requests("resp_completed01"), 6);
     let metrics = relay.get("/metrics").await.text().await.unwrap();
-    for reason in ["500", "503", "decode", "timeout"] {
+    for reason in ["500", "503", "decode", "connect", "timeout"] {
         assert!(metrics.contains(&format!(r#"relay_retries_total{{reason="{reason}"}} 1"#)), "{reason}:\n{metrics}");
     }
 }

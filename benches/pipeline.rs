@@ -1,0 +1,590 @@
+//! `cargo bench --bench pipeline`: the relay's throughput, latency, worker rate and memory
+//! against the real RabbitMQ, next to what the same machine does without the relay.
+//!
+//! Phases (each on fresh, uniquely named queues, all deleted at the end):
+//! 1. baseline: raw lapin publishes of the same signed bodies, persistent, mandatory, to a
+//!    quorum queue, C tasks each awaiting its own confirm (closed loop), then the same at a
+//!    fixed rate of half that (open loop);
+//! 2. ingest: the release binary as `--role receiver`, driven over keep-alive HTTP/1.1 by
+//!    the same generator: closed loop with C connections, then open loop at half the peak;
+//!    every 2xx must be in the inbox afterwards;
+//! 3. worker: the release binary as `--role worker` draining a pre-filled inbox against a
+//!    fake OpenAI API that answers after 100 ms; counts the CloudEvents on the exchange.
+//!
+//! The last line printed is the machine-readable summary. The process fails when an
+//! accepted delivery is missing (`lost` > 0) or a phase cannot run.
+//!
+//! Settings (environment): AMQP_URL, BENCH_CONCURRENCY (64), BENCH_WARMUP_SECS (2),
+//! BENCH_SECS (10), BENCH_THREADS (2, the generator's runtime), BENCH_WORKER_EVENTS (3200),
+//! BENCH_FETCH_CONCURRENCY (32).
+
+#[path = "pipeline/load.rs"]
+mod load;
+#[path = "pipeline/procs.rs"]
+mod procs;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::routing::get;
+use base64::Engine;
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
+use openai_webhook_relay::inbox::{header, unix_now};
+use openai_webhook_relay::topology::{Topology, table};
+use openai_webhook_relay::verify::Secret;
+
+use load::{Pool, PhaseResult, Sink};
+use procs::{CpuProbe, RelayProcess};
+
+const FETCH_DELAY: Duration = Duration::from_millis(100);
+
+struct Settings {
+    amqp_url: String,
+    concurrency: usize,
+    warmup: Duration,
+    window: Duration,
+    threads: usize,
+    worker_events: usize,
+    fetch_concurrency: usize,
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        Self {
+            amqp_url: std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            concurrency: env_number("BENCH_CONCURRENCY", 64) as usize,
+            warmup: Duration::from_secs(env_number("BENCH_WARMUP_SECS", 2)),
+            window: Duration::from_secs(env_number("BENCH_SECS", 10)),
+            threads: env_number("BENCH_THREADS", 2) as usize,
+            worker_events: env_number("BENCH_WORKER_EVENTS", 3200) as usize,
+            fetch_concurrency: env_number("BENCH_FETCH_CONCURRENCY", 32) as usize,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let settings = Settings::from_env();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.threads)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(settings)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("pipeline bench failed: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Names of everything this run creates on the broker, for the clean-up.
+struct Names {
+    ingest: Topology,
+    worker: Topology,
+    baseline: String,
+}
+
+async fn run(settings: Settings) -> Result<ExitCode, String> {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("pipeline bench: relay (release binary), RabbitMQ and this load generator share this machine's {cores} CPU cores;");
+    println!("  the generator runs on a {}-thread tokio runtime, the relay on its default runtime; nothing is pinned,", settings.threads);
+    println!("  so every figure is for the whole pipeline on one box, not for a dedicated broker or relay.");
+    let started = Instant::now();
+    let binary = procs::build_relay()?;
+    println!("relay binary built/checked in {:.1} s", started.elapsed().as_secs_f64());
+    let started = Instant::now();
+    let control = Connection::connect(&settings.amqp_url, ConnectionProperties::default())
+        .await
+        .map_err(|e| format!("RabbitMQ unreachable at AMQP_URL: {e}; start it (`rabbitmq-server -detached`) or set AMQP_URL"))?;
+    let channel = control.create_channel().await.map_err(|e| e.to_string())?;
+    let tag = format!("bench.{:012x}", fastrand::u64(..) >> 16);
+    let names = Names {
+        ingest: Topology { exchange: format!("{tag}.events"), inbox: format!("{tag}.inbox") },
+        worker: Topology { exchange: format!("{tag}.w.events"), inbox: format!("{tag}.w.inbox") },
+        baseline: format!("{tag}.baseline"),
+    };
+    let result = phases(&settings, &binary, &channel, &names).await;
+    cleanup(&channel, &names).await;
+    let _ = control.close(200, "bench done".into()).await;
+    let report = result?;
+    println!("phases and clean-up took {:.0} s", started.elapsed().as_secs_f64());
+    Ok(report.print(&settings))
+}
+
+async fn cleanup(channel: &Channel, names: &Names) {
+    let mut queues = names.ingest.queues();
+    queues.extend(names.worker.queues());
+    queues.push(names.baseline.clone());
+    for queue in queues {
+        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    }
+    for exchange in [&names.ingest.exchange, &names.worker.exchange] {
+        let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+    }
+}
+
+struct Report {
+    body_bytes: usize,
+    baseline_closed: PhaseResult,
+    baseline_open: PhaseResult,
+    baseline_rate_asked: f64,
+    ingest_closed: PhaseResult,
+    ingest_open: PhaseResult,
+    ingest_rate_asked: f64,
+    ingest_accepted: u64,
+    ingest_stored: u64,
+    baseline_accepted: u64,
+    baseline_stored: u64,
+    reused: usize,
+    receiver_rss_kib: u64,
+    worker: WorkerResult,
+}
+
+struct WorkerResult {
+    events: usize,
+    published: usize,
+    duplicates: usize,
+    left_in_inbox: u64,
+    eps: f64,
+    eps_from_ready: f64,
+    rss_kib: u64,
+    max_fetches_in_flight: u64,
+    cpu: Vec<(String, f64)>,
+}
+
+fn secret_text() -> String {
+    let key: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
+    format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key))
+}
+
+/// Enough pre-signed deliveries for a closed-loop phase at up to `max_rate` per second.
+fn closed_pool_size(settings: &Settings, max_rate: f64) -> usize {
+    (max_rate * (settings.warmup + settings.window).as_secs_f64()) as usize + 10 * settings.concurrency
+}
+
+fn build_pool(secret: &Secret, addr: SocketAddr, count: usize) -> Arc<Pool> {
+    let started = Instant::now();
+    let pool = Pool::build(secret, addr, count);
+    println!("  signed {count} deliveries ahead of the phase in {:.2} s (not timed)", started.elapsed().as_secs_f64());
+    Arc::new(pool)
+}
+
+async fn queue_depth(channel: &Channel, queue: &str) -> Result<u64, String> {
+    let options = QueueDeclareOptions { passive: true, ..Default::default() };
+    let declared = channel.queue_declare(queue.into(), options, FieldTable::default()).await.map_err(|e| format!("passive declare of {queue}: {e}"))?;
+    Ok(u64::from(declared.message_count()))
+}
+
+/// The queue's depth once it stops changing (or reaches `expected`).
+async fn settled_depth(channel: &Channel, queue: &str, expected: u64) -> Result<u64, String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (mut last, mut stable_since) = (u64::MAX, Instant::now());
+    loop {
+        let depth = queue_depth(channel, queue).await?;
+        if depth != last {
+            (last, stable_since) = (depth, Instant::now());
+        }
+        if depth == expected && stable_since.elapsed() >= Duration::from_millis(300) {
+            return Ok(depth);
+        }
+        if stable_since.elapsed() >= Duration::from_secs(2) || Instant::now() > deadline {
+            return Ok(depth);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn phase_summary(name: &str, result: &PhaseResult) {
+    println!(
+        "  {name}: {:.0}/s accepted in the window, p50 {:.2} ms, p99 {:.2} ms; whole phase: {} accepted, {} rejected, {} failed",
+        result.rate,
+        result.percentile_ms(50.0),
+        result.percentile_ms(99.0),
+        result.accepted,
+        result.rejected,
+        result.failed
+    );
+}
+
+async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel, names: &Names) -> Result<Report, String> {
+    let secret_text = secret_text();
+    let secret = Secret::parse(&secret_text).map_err(|e| e.to_string())?;
+    let broker = procs::broker_pids();
+    let me = vec![std::process::id().to_string()];
+    let c = settings.concurrency;
+    let mut reused = 0;
+
+    // 1. Baseline: the broker alone, same bodies, same kind of queue, same generator.
+    let phase_started = Instant::now();
+    println!("phase 1/3: baseline, raw lapin publishes to a quorum queue, {c} in flight");
+    let connection = Connection::connect(&settings.amqp_url, ConnectionProperties::default()).await.map_err(|e| e.to_string())?;
+    let publisher = connection.create_channel().await.map_err(|e| e.to_string())?;
+    publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
+    let quorum = table([("x-queue-type", AMQPValue::LongString("quorum".into()))]);
+    publisher
+        .queue_declare(names.baseline.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, quorum)
+        .await
+        .map_err(|e| e.to_string())?;
+    let sink = Sink::Amqp { channel: publisher.clone(), queue: names.baseline.as_str().into() };
+    let probe = CpuProbe::new().with("generator", me.clone()).with("broker", broker.clone());
+    let pool = build_pool(&secret, "127.0.0.1:9".parse().unwrap(), closed_pool_size(settings, 30_000.0));
+    let baseline_closed = load::closed_loop(&sink, pool.clone(), c, settings.warmup, settings.window, &probe).await.map_err(|e| e.to_string())?;
+    reused += pool.reused();
+    drop(pool);
+    phase_summary("closed loop", &baseline_closed);
+    let baseline_rate_asked = (baseline_closed.rate / 2.0).max(1.0);
+    let pool = build_pool(&secret, "127.0.0.1:9".parse().unwrap(), (baseline_rate_asked * 12.0) as usize + 1000);
+    let baseline_open = load::open_loop(&sink, pool.clone(), baseline_rate_asked, c, Duration::from_secs(1), settings.window, &probe)
+        .await
+        .map_err(|e| e.to_string())?;
+    reused += pool.reused();
+    drop(pool);
+    phase_summary(&format!("open loop at {baseline_rate_asked:.0}/s"), &baseline_open);
+    let baseline_accepted = baseline_closed.accepted + baseline_open.accepted;
+    let baseline_stored = settled_depth(control, &names.baseline, baseline_accepted).await?;
+    let _ = connection.close(200, "baseline done".into()).await;
+    let _ = control.queue_delete(names.baseline.as_str().into(), QueueDeleteOptions::default()).await;
+
+    println!("  (baseline phase took {:.1} s)", phase_started.elapsed().as_secs_f64());
+
+    // 2. Ingest: the relay as a receiver, driven over HTTP by the same generator.
+    let phase_started = Instant::now();
+    println!("phase 2/3: relay ingest (--role receiver), {c} keep-alive connections");
+    let http = reqwest::Client::new();
+    let addr = procs::free_port();
+    let relay_env = |topology: &Topology| {
+        vec![
+            ("OPENAI_WEBHOOK_SECRET", secret_text.clone()),
+            ("OPENAI_API_KEY", "sk-bench".to_owned()),
+            ("AMQP_URL", settings.amqp_url.clone()),
+            ("RELAY_EXCHANGE", topology.exchange.clone()),
+            ("RELAY_INBOX_QUEUE", topology.inbox.clone()),
+        ]
+    };
+    let mut receiver = RelayProcess::spawn(binary, "receiver", addr, &relay_env(&names.ingest))?;
+    receiver.wait_ready(&http).await?;
+    let sink = Sink::Http(addr);
+    let probe = CpuProbe::new().with("relay", vec![receiver.pid().to_string()]).with("broker", broker.clone()).with("generator", me.clone());
+    let pool = build_pool(&secret, addr, closed_pool_size(settings, (baseline_closed.rate * 1.6).max(20_000.0)));
+    let ingest_closed = load::closed_loop(&sink, pool.clone(), c, settings.warmup, settings.window, &probe).await.map_err(|e| e.to_string())?;
+    reused += pool.reused();
+    drop(pool);
+    phase_summary("closed loop", &ingest_closed);
+    let ingest_rate_asked = (ingest_closed.rate / 2.0).max(1.0);
+    let pool = build_pool(&secret, addr, (ingest_rate_asked * 12.0) as usize + 1000);
+    let ingest_open = load::open_loop(&sink, pool.clone(), ingest_rate_asked, c, Duration::from_secs(1), settings.window, &probe)
+        .await
+        .map_err(|e| e.to_string())?;
+    reused += pool.reused();
+    drop(pool);
+    phase_summary(&format!("open loop at {ingest_rate_asked:.0}/s"), &ingest_open);
+    let ingest_accepted = ingest_closed.accepted + ingest_open.accepted;
+    let ingest_stored = settled_depth(control, &names.ingest.inbox, ingest_accepted).await?;
+    let receiver_rss_kib = receiver.peak_rss_kib().unwrap_or(0);
+    let tail = receiver.log_tail();
+    receiver.stop().await;
+    if ingest_closed.failed + ingest_open.failed + ingest_closed.rejected + ingest_open.rejected > 0 && !tail.is_empty() {
+        println!("  relay log (last lines):\n    {}", tail.join("\n    "));
+    }
+
+    println!("  (ingest phase took {:.1} s)", phase_started.elapsed().as_secs_f64());
+
+    // 3. Worker: drain a pre-filled inbox against an API that answers after 100 ms.
+    let phase_started = Instant::now();
+    let worker = worker_phase(settings, binary, control, names, &secret, &relay_env(&names.worker), &broker, &http).await?;
+
+    println!("  (worker phase took {:.1} s)", phase_started.elapsed().as_secs_f64());
+
+    Ok(Report {
+        body_bytes: Pool::build(&secret, addr, 1).body_len(),
+        baseline_closed,
+        baseline_open,
+        baseline_rate_asked,
+        ingest_closed,
+        ingest_open,
+        ingest_rate_asked,
+        ingest_accepted,
+        ingest_stored,
+        baseline_accepted,
+        baseline_stored,
+        reused,
+        receiver_rss_kib,
+        worker,
+    })
+}
+
+/// The fake OpenAI API: any GET under /v1 answers a small completed response after 100 ms.
+#[derive(Default)]
+struct FakeApi {
+    requests: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+    first: Mutex<Option<Instant>>,
+}
+
+async fn fake_fetch(State(api): State<Arc<FakeApi>>, Path(rest): Path<String>) -> axum::response::Response {
+    api.requests.fetch_add(1, Ordering::Relaxed);
+    api.first.lock().unwrap().get_or_insert_with(Instant::now);
+    let now = api.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    api.max_in_flight.fetch_max(now, Ordering::Relaxed);
+    tokio::time::sleep(FETCH_DELAY).await;
+    api.in_flight.fetch_sub(1, Ordering::Relaxed);
+    let id = rest.rsplit('/').next().unwrap_or_default();
+    let body = format!(
+        r#"{{"id":"{id}","object":"response","created_at":{},"status":"completed","model":"gpt-5","output":[{{"type":"message","id":"msg_1","status":"completed","role":"assistant","content":[{{"type":"output_text","text":"Done.","annotations":[]}}]}}],"usage":{{"input_tokens":12,"output_tokens":2,"total_tokens":14}}}}"#,
+        unix_now()
+    );
+    axum::response::Response::builder().header("content-type", "application/json").body(axum::body::Body::from(body)).unwrap()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn worker_phase(
+    settings: &Settings,
+    binary: &std::path::Path,
+    control: &Channel,
+    names: &Names,
+    secret: &Secret,
+    env: &[(&str, String)],
+    broker: &[String],
+    http: &reqwest::Client,
+) -> Result<WorkerResult, String> {
+    let n = settings.worker_events;
+    let concurrency = settings.fetch_concurrency;
+    println!("phase 3/3: worker (--role worker), {n} deliveries, fake OpenAI API answering after {} ms, RELAY_FETCH_CONCURRENCY={concurrency}", FETCH_DELAY.as_millis());
+    let topology = &names.worker;
+    topology.declare(control).await.map_err(|e| format!("declaring the worker topology: {e}"))?;
+
+    // Count what the worker publishes: a queue bound with '#', consumed without acks.
+    let connection = Connection::connect(&settings.amqp_url, ConnectionProperties::default()).await.map_err(|e| e.to_string())?;
+    let events_channel = connection.create_channel().await.map_err(|e| e.to_string())?;
+    let declared = events_channel
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let events_queue = declared.name().to_string();
+    events_channel
+        .queue_bind(events_queue.as_str().into(), topology.exchange.as_str().into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut consumer = events_channel
+        .basic_consume(events_queue.as_str().into(), "bench-events".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let collector = tokio::spawn(async move {
+        let (mut seen, mut total, mut last) = (HashSet::new(), 0usize, None);
+        while let Some(Ok(delivery)) = consumer.next().await {
+            total += 1;
+            last = Some(Instant::now());
+            if let Some(id) = header(&delivery.properties, "webhook-id") {
+                seen.insert(id.to_owned());
+            }
+            if seen.len() >= n {
+                break;
+            }
+        }
+        (seen.len(), total, last)
+    });
+
+    // Pre-fill the inbox as the receiver would have stored the deliveries.
+    let prefill = connection.create_channel().await.map_err(|e| e.to_string())?;
+    prefill.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
+    let timestamp = unix_now().to_string();
+    let inbox = topology.inbox.as_str();
+    let confirmed = futures::stream::iter(0..n)
+        .map(|i| {
+            let prefill = prefill.clone();
+            let timestamp = timestamp.clone();
+            async move {
+                let id = load::webhook_id();
+                let body = load::envelope("response.completed", &format!("resp_bench{i:06}"));
+                let properties = load::amqp_properties(&id, &timestamp, &secret.sign(&id, &timestamp, body.as_bytes()));
+                let confirm = prefill
+                    .basic_publish("".into(), inbox.into(), BasicPublishOptions { mandatory: true, ..Default::default() }, body.as_bytes(), properties)
+                    .await?;
+                confirm.await
+            }
+        })
+        .buffer_unordered(64)
+        .filter(|c| futures::future::ready(matches!(c, Ok(Confirmation::Ack(None)))))
+        .count()
+        .await;
+    if confirmed != n {
+        return Err(format!("pre-filling the worker inbox: {confirmed} of {n} confirmed"));
+    }
+
+    let api = Arc::new(FakeApi::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let api_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let app = Router::new().route("/v1/{*rest}", get(fake_fetch)).with_state(api.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut env = env.to_vec();
+    env.push(("OPENAI_BASE_URL", format!("http://{api_addr}/v1")));
+    env.push(("RELAY_FETCH_CONCURRENCY", concurrency.to_string()));
+    let mut worker = RelayProcess::spawn(binary, "worker", procs::free_port(), &env)?;
+    let spawned = Instant::now();
+    worker.wait_ready(http).await?;
+    let ready = Instant::now();
+    let probe = CpuProbe::new().with("relay", vec![worker.pid().to_string()]).with("broker", broker.to_vec()).with("generator", vec![std::process::id().to_string()]);
+    let expected = n as f64 / (concurrency as f64 / FETCH_DELAY.as_secs_f64());
+    let cpu_window = probe.measure_between(ready, ready + Duration::from_secs_f64((expected * 0.8).max(0.5)));
+    let (cpu, collected) = tokio::join!(cpu_window, tokio::time::timeout(Duration::from_secs_f64(expected * 5.0 + 30.0), collector));
+    let (published, total, last) = match collected {
+        Ok(Ok(counts)) => counts,
+        Ok(Err(e)) => return Err(format!("event collector failed: {e}")),
+        Err(_) => return Err(format!("worker did not publish all {n} events in time; last log lines:\n{}", worker.log_tail().join("\n"))),
+    };
+    let last = last.unwrap_or_else(Instant::now);
+    let first_fetch = api.first.lock().unwrap().unwrap_or(ready);
+    // Acks follow the publishes; give them a moment before checking the inbox is empty.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left_in_inbox = queue_depth(control, &topology.inbox).await?;
+    let rss_kib = worker.peak_rss_kib().unwrap_or(0);
+    worker.stop().await;
+    server.abort();
+    let _ = connection.close(200, "worker phase done".into()).await;
+    let result = WorkerResult {
+        events: n,
+        published,
+        duplicates: total - published,
+        left_in_inbox,
+        eps: published as f64 / (last - first_fetch).as_secs_f64(),
+        eps_from_ready: published as f64 / (last - ready).as_secs_f64(),
+        rss_kib,
+        max_fetches_in_flight: api.max_in_flight.load(Ordering::Relaxed),
+        cpu,
+    };
+    println!(
+        "  {published} of {n} events published in {:.2} s from the first fetch ({:.0}/s; {:.0}/s counted from /readyz, {:.2} s after spawn); {} fetches, at most {} at once",
+        (last - first_fetch).as_secs_f64(),
+        result.eps,
+        result.eps_from_ready,
+        (ready - spawned).as_secs_f64(),
+        api.requests.load(Ordering::Relaxed),
+        result.max_fetches_in_flight
+    );
+    Ok(result)
+}
+
+fn cpu_cell(cpu: &[(String, f64)], name: &str) -> String {
+    cpu.iter().find(|(n, _)| n == name).map_or_else(|| "–".to_owned(), |(_, cores)| format!("{cores:.2}"))
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+impl Report {
+    /// Prints the table and the verdicts; the summary line comes last.
+    fn print(&self, settings: &Settings) -> ExitCode {
+        let c = settings.concurrency;
+        let secs = settings.window.as_secs();
+        let worker_bound = settings.fetch_concurrency as f64 / FETCH_DELAY.as_secs_f64();
+        println!();
+        println!("Results ({} B signed event envelopes; closed loop {} s after {} s warm-up, open loop {} s after 1 s; CPU in cores during the window)", self.body_bytes, secs, settings.warmup.as_secs(), secs);
+        println!();
+        println!("| phase | load | accepted/s | p50 ms | p99 ms | p99.9 ms | max ms | not accepted | relay CPU | broker CPU | generator CPU |");
+        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let row = |phase: &str, load: String, r: &PhaseResult| {
+            println!(
+                "| {phase} | {load} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} |",
+                r.rate,
+                r.percentile_ms(50.0),
+                r.percentile_ms(99.0),
+                r.percentile_ms(99.9),
+                r.percentile_ms(100.0),
+                r.rejected + r.failed,
+                cpu_cell(&r.cpu, "relay"),
+                cpu_cell(&r.cpu, "broker"),
+                cpu_cell(&r.cpu, "generator"),
+            );
+        };
+        row("baseline: lapin → quorum queue, confirms", format!("closed, {c} in flight"), &self.baseline_closed);
+        row("baseline: lapin → quorum queue, confirms", format!("open, {:.0}/s", self.baseline_rate_asked), &self.baseline_open);
+        row("relay ingest (receiver)", format!("closed, {c} connections"), &self.ingest_closed);
+        row("relay ingest (receiver)", format!("open, {:.0}/s (50 %)", self.ingest_rate_asked), &self.ingest_open);
+        let w = &self.worker;
+        println!(
+            "| relay worker, fetch 100 ms | {} events, concurrency {} | {:.0} | – | – | – | – | {} | {} | {} | {} |",
+            w.events,
+            settings.fetch_concurrency,
+            w.eps,
+            w.events - w.published,
+            cpu_cell(&w.cpu, "relay"),
+            cpu_cell(&w.cpu, "broker"),
+            cpu_cell(&w.cpu, "generator"),
+        );
+        println!();
+        println!(
+            "open-loop latency runs from each request's scheduled send time; the generator sent late by at most {:.2} ms at p99 (baseline {:.2} ms)",
+            self.ingest_open.send_lag_p99_us as f64 / 1000.0,
+            self.baseline_open.send_lag_p99_us as f64 / 1000.0
+        );
+        let ingest_lost = self.ingest_accepted.saturating_sub(self.ingest_stored);
+        let worker_lost = (w.events - w.published) as u64;
+        let lost = ingest_lost + worker_lost;
+        println!(
+            "accounting: relay answered 2xx {} times, inbox holds {} (extra {}); baseline confirmed {}, queue held {}; worker published {} of {} distinct deliveries ({} duplicates), {} left in its inbox; pool ids reused: {}",
+            self.ingest_accepted,
+            self.ingest_stored,
+            self.ingest_stored.saturating_sub(self.ingest_accepted),
+            self.baseline_accepted,
+            self.baseline_stored,
+            w.published,
+            w.events,
+            w.duplicates,
+            w.left_in_inbox,
+            self.reused
+        );
+        println!("peak RSS (VmHWM): receiver {:.1} MiB, worker {:.1} MiB", mib(self.receiver_rss_kib), mib(w.rss_kib));
+
+        let ingest_rps = self.ingest_closed.rate;
+        let baseline_rps = self.baseline_closed.rate;
+        let ratio = if baseline_rps > 0.0 { ingest_rps / baseline_rps } else { 0.0 };
+        let p50 = self.ingest_open.percentile_ms(50.0);
+        let p99 = self.ingest_open.percentile_ms(99.0);
+        let rss_mb = mib(self.receiver_rss_kib.max(w.rss_kib));
+        let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+        println!(
+            "targets: ratio {ratio:.3} >= 0.9 {}; p99 {p99:.2} ms <= 10 {}; worker {:.0} eps >= {:.0} (0.9 x {:.0}) {}; rss {rss_mb:.1} MiB <= 50 {}",
+            verdict(ratio >= 0.9),
+            verdict(p99 <= 10.0),
+            w.eps,
+            0.9 * worker_bound,
+            worker_bound,
+            verdict(w.eps >= 0.9 * worker_bound),
+            verdict(rss_mb <= 50.0),
+        );
+        println!("lost={lost}");
+        println!(
+            "ingest_rps={:.0} baseline_rps={:.0} ratio={ratio:.3} p50_ms={p50:.2} p99_ms={p99:.2} worker_eps={:.0} worker_bound_eps={:.0} rss_mb={:.0}",
+            ingest_rps,
+            baseline_rps,
+            w.eps,
+            worker_bound,
+            rss_mb.ceil()
+        );
+        if lost > 0 {
+            eprintln!("FAILED: {lost} accepted deliveries are missing");
+            return ExitCode::FAILURE;
+        }
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,256 @@
+//! The relay binary, an OpenAI-like sender, and the accounting of what came out.
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use openai_webhook_relay::inbox::{header, unix_now};
+use openai_webhook_relay::topology::Topology;
+use openai_webhook_relay::verify::Secret;
+use tokio_util::sync::CancellationToken;
+
+use crate::fake_openai::{API_KEY, FakeOpenAi};
+
+/// One fault test at a time: they close every broker connection or set policies.
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn secret_text() -> String {
+    format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode([11u8; 32]))
+}
+
+/// A relay process, restartable on the same port and names.
+pub struct Relay {
+    pub port: u16,
+    pub topology: Topology,
+    pub observed: String,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Relay {
+    pub async fn start(openai: &FakeOpenAi, amqp_url: &str, extra: &[(&str, &str)]) -> Self {
+        let tag = format!("fault.{:016x}", fastrand::u64(..));
+        let topology = Topology { exchange: format!("{tag}.events"), inbox: format!("{tag}.inbox") };
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut env: Vec<(String, String)> = [
+            ("OPENAI_WEBHOOK_SECRET", secret_text()),
+            ("OPENAI_API_KEY", API_KEY.to_owned()),
+            ("OPENAI_BASE_URL", openai.base_url.clone()),
+            ("AMQP_URL", amqp_url.to_owned()),
+            ("RELAY_LISTEN", format!("127.0.0.1:{port}")),
+            ("RELAY_EXCHANGE", topology.exchange.clone()),
+            ("RELAY_INBOX_QUEUE", topology.inbox.clone()),
+            ("RELAY_RETRY_INITIAL_DELAY_MS", "50".to_owned()),
+            ("RELAY_RETRY_MAX_DELAY_MS", "400".to_owned()),
+            ("RELAY_CONFIRM_TIMEOUT_MS", "2000".to_owned()),
+            ("RUST_LOG", "warn".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut relay = Self { port, observed: format!("{tag}.observed"), topology, env, child: None };
+        relay.spawn();
+        relay.wait_ready().await;
+        // A durable queue of the test's own, so that closing connections loses nothing of it.
+        let (_c, channel) = connect().await;
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(relay.observed.as_str().into(), durable, FieldTable::default()).await.unwrap();
+        channel
+            .queue_bind(relay.observed.as_str().into(), relay.topology.exchange.as_str().into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        relay
+    }
+
+    pub fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_openai-webhook-relay"))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("relay binary starts");
+        self.child = Some(child);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill(); // SIGKILL
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn wait_ready(&self) {
+        let http = reqwest::Client::new();
+        let started = Instant::now();
+        loop {
+            let status = http.get(format!("http://127.0.0.1:{}/readyz", self.port)).send().await.map(|r| r.status().as_u16()).ok();
+            if status == Some(200) {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "relay not ready after 30 s ({status:?})");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/webhooks/openai", self.port)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+        let mut queues = self.topology.queues();
+        queues.push(self.observed.clone());
+        let exchange = self.topology.exchange.clone();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+                let (connection, channel) = connect().await;
+                for queue in queues {
+                    let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+                }
+                let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+                let _ = connection.close(200, "fault test done".into()).await;
+            })
+        })
+        .join();
+    }
+}
+
+pub async fn connect() -> (Connection, Channel) {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("RabbitMQ unreachable at {}: {e}", amqp_url()));
+    let channel = connection.create_channel().await.unwrap();
+    (connection, channel)
+}
+
+/// Delivers events the way OpenAI does: the same webhook-id, freshly signed, until a 2xx.
+pub struct Sender {
+    pub sent: usize,
+    pub acked: HashSet<String>,
+    pub attempts: usize,
+}
+
+/// Runs `senders` tasks delivering events of `make_event` until `stop`; each task keeps
+/// retrying its current event (as OpenAI would) before moving on.
+pub async fn load(url: String, senders: usize, stop: CancellationToken, make_event: Arc<dyn Fn(usize) -> String + Send + Sync>) -> Sender {
+    let secret = Secret::parse(&secret_text()).unwrap();
+    let result = Arc::new(Mutex::new(Sender { sent: 0, acked: HashSet::new(), attempts: 0 }));
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let mut tasks = Vec::new();
+    for s in 0..senders {
+        let (url, stop, result, http, secret, make_event) = (url.clone(), stop.clone(), result.clone(), http.clone(), secret.clone(), make_event.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.is_cancelled() {
+                n += 1;
+                let body = make_event(s * 1_000_000 + n);
+                let event_id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_str().unwrap().to_owned();
+                let webhook_id = format!("wh_{:032x}", fastrand::u128(..));
+                result.lock().unwrap().sent += 1;
+                // Once sent, an event is retried until acknowledged, even past `stop`,
+                // but for at most 60 s (OpenAI would go on for 72 h).
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while Instant::now() < deadline {
+                    let ts = unix_now().to_string();
+                    let signature = secret.sign(&webhook_id, &ts, body.as_bytes());
+                    result.lock().unwrap().attempts += 1;
+                    let answer = http
+                        .post(&url)
+                        .header("webhook-id", &webhook_id)
+                        .header("webhook-timestamp", &ts)
+                        .header("webhook-signature", signature)
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    if answer.is_ok_and(|r| r.status().is_success()) {
+                        result.lock().unwrap().acked.insert(event_id.clone());
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    Arc::try_unwrap(result).ok().unwrap().into_inner().unwrap()
+}
+
+pub fn event(event_type: &str, object_id: &str) -> String {
+    format!(
+        r#"{{"id":"evt_{:032x}","object":"event","created_at":{},"type":"{event_type}","data":{{"id":"{object_id}"}}}}"#,
+        fastrand::u128(..),
+        unix_now()
+    )
+}
+
+/// What came out: published event ids (with how often) and dead-lettered ones with reasons.
+#[derive(Default)]
+pub struct Outcome {
+    pub published: HashMap<String, usize>,
+    pub dead: HashMap<String, String>,
+}
+
+/// Drains the observed and dead queues until every acked event is accounted for, or
+/// `within` passes.
+pub async fn collect(relay: &Relay, acked: &HashSet<String>, within: Duration) -> Outcome {
+    let mut outcome = Outcome::default();
+    let started = Instant::now();
+    let (_connection, channel) = connect().await;
+    loop {
+        let mut got_any = false;
+        for queue in [relay.observed.clone(), relay.topology.dead()] {
+            while let Some(message) = channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+                got_any = true;
+                let delivery = message.delivery;
+                if queue == relay.observed {
+                    let id = delivery.properties.message_id().as_ref().unwrap().to_string();
+                    *outcome.published.entry(id).or_default() += 1;
+                } else {
+                    let body: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap();
+                    let reason = header(&delivery.properties, "x-relay-error-message").unwrap_or("").to_owned();
+                    outcome.dead.insert(body["id"].as_str().unwrap().to_owned(), reason);
+                }
+            }
+        }
+        let accounted = acked.iter().all(|id| outcome.published.contains_key(id) || outcome.dead.contains_key(id));
+        if (accounted && !got_any) || started.elapsed() > within {
+            return outcome;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Prints the figure line and returns how many acked events were lost.
+pub fn report(name: &str, sender: &Sender, outcome: &Outcome) -> usize {
+    let lost = sender.acked.iter().filter(|id| !outcome.published.contains_key(*id) && !outcome.dead.contains_key(*id)).count();
+    let published: usize = outcome.published.values().sum();
+    let duplicates = published - outcome.published.len();
+    println!(
+        "{name}: sent={} acked={} published={} dead={} lost={lost} duplicates={duplicates} (delivery attempts={})",
+        sender.sent,
+        sender.acked.len(),
+        outcome.published.len(),
+        outcome.dead.len(),
+        sender.attempts
+    );
+    lost
+}
+
+pub fn rabbitmqctl(args: &[&str]) {
+    let status = Command::new("rabbitmqctl").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().expect("rabbitmqctl runs");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}

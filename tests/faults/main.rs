@@ -1,0 +1,19 @@
+//! Fault suite: the real binary as a child process, the real broker, a fake OpenAI API with
+//! injected faults, and senders that retry like OpenAI until they get a 2xx. Each test
+//! prints a figure line `<name>: sent=… acked=… published=… dead=… lost=… duplicates=…`
+//! and fails if an acknowledged event is lost.
+//!
+//! These tests disturb the broker for everyone (closing all its connections, policies), so
+//! they live in their own test binary (cargo runs test binaries one after another) and
+//! take a lock so that they also run one at a time.
+
+#[path = "../api/fake_openai.rs"]
+mod fake_openai;
+#[path = "../api/proxy.rs"]
+mod proxy;
+
+mod harness;
+
+mod api_faults;
+mod broker_faults;
+mod crash;
