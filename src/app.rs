@@ -28,7 +28,9 @@ pub struct App {
     limits: ConnectionLimits,
     broker: Broker,
     worker: Option<Worker>,
-    shutdown: CancellationToken,
+    /// Cancelled first on a stop signal: `/readyz` turns 503 while requests are still served.
+    draining: CancellationToken,
+    drain_delay: Duration,
     shutdown_timeout: Duration,
 }
 
@@ -48,11 +50,11 @@ impl App {
         let topology = config.topology();
         let broker = Broker::start(&args.amqp_url, topology.clone(), config.confirm_timeout(), metrics.clone())
             .map_err(|e| anyhow::anyhow!("AMQP_URL is unusable: {e}"))?;
-        let shutdown = CancellationToken::new();
+        let draining = CancellationToken::new();
         let state = AppState {
             broker: broker.clone(),
             metrics: metrics.clone(),
-            shutdown: shutdown.clone(),
+            draining: draining.clone(),
             verifier: Arc::new(Verifier::new(config.secrets.clone(), args.tolerance_secs)),
             inbox: Inbox::new(broker.clone(), &topology.inbox, metrics.clone()),
             body_limit: args.body_limit_bytes,
@@ -95,7 +97,8 @@ impl App {
             limits,
             broker,
             worker,
-            shutdown,
+            draining,
+            drain_delay: Duration::from_secs(args.drain_delay_secs),
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
         })
     }
@@ -104,15 +107,21 @@ impl App {
         self.listener.local_addr().expect("bound listener has an address")
     }
 
-    /// Serves until `signal` resolves, then shuts down in order: stop accepting and let
-    /// requests in flight finish, let the worker finish the deliveries it holds (bounded by
+    /// Serves until `signal` resolves, then shuts down in order: report not-ready for
+    /// `RELAY_DRAIN_DELAY_SECS` while still serving (the load balancer stops sending), stop
+    /// accepting and let requests in flight finish, let the worker finish the deliveries it holds (bounded by
     /// `RELAY_SHUTDOWN_TIMEOUT_SECS`; unfinished ones are redelivered later), close the broker.
     pub async fn run_until(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Self { listener, router, limits, broker, worker, shutdown, shutdown_timeout } = self;
+        let Self { listener, router, limits, broker, worker, draining, drain_delay, shutdown_timeout } = self;
+        let shutdown = CancellationToken::new();
+        tracing::info!(addr = %listener.local_addr()?, worker = worker.is_some(), "listening");
         let server = tokio::spawn(serve(listener, router, limits, shutdown.clone()));
         let worker = worker.map(|w| tokio::spawn(Arc::new(w).run(shutdown.clone())));
 
         signal.await;
+        tracing::info!(?drain_delay, "draining: /readyz now answers 503");
+        draining.cancel();
+        tokio::time::sleep(drain_delay).await;
         tracing::info!("shutting down");
         shutdown.cancel();
         let drained = tokio::time::timeout(shutdown_timeout, async {

@@ -130,6 +130,10 @@ pub struct ServeArgs {
     /// CloudEvent `source` attribute.
     #[arg(long, env = "RELAY_EVENT_SOURCE", default_value = "openai")]
     pub event_source: String,
+    /// Seconds between a stop signal and closing the listener, with `/readyz` at 503 so that
+    /// a load balancer stops sending first (use 0 behind a Kubernetes preStop sleep).
+    #[arg(long, env = "RELAY_DRAIN_DELAY_SECS", default_value_t = 0)]
+    pub drain_delay_secs: u64,
     /// Longest graceful shutdown, in seconds, before in-flight work is abandoned (and redelivered).
     #[arg(long, env = "RELAY_SHUTDOWN_TIMEOUT_SECS", default_value_t = 20)]
     pub shutdown_timeout_secs: u64,

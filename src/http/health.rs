@@ -14,7 +14,7 @@ pub async fn healthz() -> &'static str {
 /// 200 only while the broker link is up and the relay is not shutting down, so a load
 /// balancer stops sending before deliveries would be refused.
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
-    if state.shutdown.is_cancelled() {
+    if state.draining.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
     } else if state.broker.is_ready() {
         (StatusCode::OK, "ready")

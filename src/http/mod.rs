@@ -30,7 +30,8 @@ use crate::verify::Verifier;
 pub struct AppState {
     pub broker: Broker,
     pub metrics: Arc<Metrics>,
-    pub shutdown: CancellationToken,
+    /// Cancelled when a stop signal arrived: readiness turns 503.
+    pub draining: CancellationToken,
     pub verifier: Arc<Verifier>,
     pub inbox: Inbox,
     pub body_limit: usize,

@@ -326,3 +326,15 @@ fn output_text_is_none_for_tool_calls_only_or_no_output() {
         assert_eq!(output_text(raw_body), None, "{body}");
     }
 }
+
+#[test]
+fn the_documented_example_event_is_exactly_what_normalize_produces() {
+    // fixtures/events/response.completed.json is the full example README.md points to.
+    const EXAMPLE: &str = include_str!("../../fixtures/events/response.completed.json");
+    let out = normalize_with(webhook::RESPONSE_COMPLETED, object(ObjectKind::Response, object::RESP_COMPLETED));
+    if std::env::var_os("RELAY_WRITE_EXAMPLE").is_some() {
+        let pretty = serde_json::to_string_pretty(&parse(&out)).unwrap();
+        std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/events/response.completed.json"), pretty + "\n").unwrap();
+    }
+    assert_eq!(parse(&out), fixture(EXAMPLE));
+}

@@ -177,6 +177,11 @@ impl Relay {
         self.amqp.bind(&self.topology.exchange, pattern).await
     }
 
+    /// Sends the stop signal without waiting.
+    pub fn signal_stop(&self) {
+        self.stop.cancel();
+    }
+
     /// Stops the relay gracefully and returns what `run_until` returned.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.stop.cancel();

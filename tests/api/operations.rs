@@ -210,3 +210,13 @@ async fn sigterm_lets_the_delivery_in_hand_finish_and_exits_0() {
     assert_eq!(header(&published.properties, "webhook-id"), Some(id.as_str()));
     assert_eq!(amqp.count(&topology.inbox).await, 0, "and acked");
 }
+
+#[tokio::test]
+async fn on_a_stop_signal_readiness_fails_first_while_deliveries_are_still_taken() {
+    let relay = spawn_relay(Options::default().role("receiver").arg("--drain-delay-secs", 2)).await;
+    relay.signal_stop();
+    readyz_becomes(&relay, 503, Duration::from_secs(1)).await;
+    assert_eq!(relay.deliver(&event("response.completed", "resp_1")).await.status(), 200, "still served while draining");
+    assert_eq!(relay.amqp.count(&relay.topology.inbox).await, 1);
+    tokio::time::timeout(Duration::from_secs(10), relay.stop()).await.expect("stops after the drain delay").unwrap();
+}
