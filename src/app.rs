@@ -19,7 +19,8 @@ use crate::metrics::Metrics;
 use crate::publish::EventPublisher;
 use crate::verify::Verifier;
 use crate::worker::retry::RetryPolicy;
-use crate::worker::{Dedup, Worker};
+use crate::worker::dedup::{Memory, Shared};
+use crate::worker::{Dedup, Worker, WorkerProject};
 
 /// A built relay: listener bound, broker supervisor started, worker ready to run.
 pub struct App {
@@ -40,11 +41,11 @@ impl App {
         let listener = TcpListener::bind(config.args.listen)
             .await
             .with_context(|| format!("RELAY_LISTEN: cannot listen on {}", config.args.listen))?;
-        Self::with_listener(config, listener)
+        Self::with_listener(config, listener).await
     }
 
     /// Builds on an already bound listener (tests bind port 0).
-    pub fn with_listener(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
+    pub async fn with_listener(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
         let args = &config.args;
         let metrics = Arc::new(Metrics::default());
         let topology = config.topology();
@@ -55,7 +56,13 @@ impl App {
             broker: broker.clone(),
             metrics: metrics.clone(),
             draining: draining.clone(),
-            verifier: Arc::new(Verifier::new(config.secrets.clone(), args.tolerance_secs)),
+            verifiers: Arc::new(
+                config
+                    .projects
+                    .iter()
+                    .map(|p| (p.name.clone(), Verifier::new(p.secrets.clone(), args.tolerance_secs)))
+                    .collect(),
+            ),
             inbox: Inbox::new(broker.clone(), &topology.inbox, metrics.clone()),
             body_limit: args.body_limit_bytes,
             in_flight: Arc::new(Semaphore::new(args.max_in_flight)),
@@ -63,30 +70,7 @@ impl App {
         // A request never outlives a confirm timeout by much; this bounds slow clients too.
         let request_timeout = config.confirm_timeout() + Duration::from_secs(10);
         let router = router(state, args.role.receives(), request_timeout);
-        let worker = match (&config.api_key, args.role.works()) {
-            (Some(key), true) => Some(Worker {
-                broker: broker.clone(),
-                api: ApiClient::new(
-                    args.openai_base_url.parse().context("OPENAI_BASE_URL")?,
-                    key.clone(),
-                    Duration::from_secs(args.fetch_timeout_secs),
-                    args.max_object_bytes,
-                    metrics.clone(),
-                ),
-                publisher: EventPublisher::new(broker.clone(), &topology.exchange, metrics.clone()),
-                topology,
-                metrics,
-                dedup: Dedup::new(Duration::from_secs(args.dedup_window_secs), args.dedup_capacity),
-                policy: RetryPolicy {
-                    max_attempts: args.fetch_max_attempts,
-                    initial: Duration::from_millis(args.retry_initial_delay_ms),
-                    max: Duration::from_millis(args.retry_max_delay_ms),
-                },
-                source: args.event_source.clone(),
-                concurrency: usize::from(args.fetch_concurrency),
-            }),
-            _ => None,
-        };
+        let worker = if args.role.works() { Some(worker(&config, broker.clone(), metrics).await?) } else { None };
         let limits = ConnectionLimits {
             max_connections: args.max_connections,
             header_timeout: Duration::from_secs(args.header_timeout_secs),
@@ -145,4 +129,47 @@ impl App {
             }
         }
     }
+}
+
+/// The worker role: an API client, the publisher, dedup (Redis when configured) and each
+/// project's key and CloudEvent source.
+async fn worker(config: &Config, broker: Broker, metrics: Arc<Metrics>) -> anyhow::Result<Worker> {
+    let args = &config.args;
+    let topology = config.topology();
+    let fetch_timeout = Duration::from_secs(args.fetch_timeout_secs);
+    let dedup = match &args.dedup_redis_url {
+        None => Dedup::Memory(Memory::new(Duration::from_secs(args.dedup_window_secs), args.dedup_capacity)),
+        Some(url) => {
+            // A claim outlives the longest handling of one delivery, or a dead replica's
+            // claim would hold its delivery back for good.
+            let pending_ttl = fetch_timeout + config.confirm_timeout() * 3 + Duration::from_secs(30);
+            let shared = Shared::connect(url, Duration::from_secs(args.dedup_ttl_secs), pending_ttl)
+                .await
+                .context("RELAY_DEDUP_REDIS_URL: cannot reach Redis")?;
+            Dedup::Redis(shared)
+        }
+    };
+    let projects = config
+        .projects
+        .iter()
+        .map(|p| {
+            let key = p.api_key.clone().expect("validated: the worker role has a key per project");
+            (p.name.clone(), WorkerProject { api_key: key, source: p.source(&args.event_source) })
+        })
+        .collect();
+    Ok(Worker {
+        api: ApiClient::new(args.openai_base_url.parse().context("OPENAI_BASE_URL")?, fetch_timeout, args.max_object_bytes, metrics.clone()),
+        publisher: EventPublisher::new(broker.clone(), &topology.exchange, metrics.clone()),
+        broker,
+        topology,
+        metrics,
+        dedup,
+        policy: RetryPolicy {
+            max_attempts: args.fetch_max_attempts,
+            initial: Duration::from_millis(args.retry_initial_delay_ms),
+            max: Duration::from_millis(args.retry_max_delay_ms),
+        },
+        projects,
+        concurrency: usize::from(args.fetch_concurrency),
+    })
 }

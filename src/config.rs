@@ -10,9 +10,10 @@ use secrecy::SecretString;
 use crate::topology::Topology;
 use crate::verify::{Secret, SecretError};
 
+
 #[derive(Debug, Parser)]
 #[command(name = "openai-webhook-relay", version, about = "Verify OpenAI webhooks, store them in RabbitMQ, publish the fetched objects as CloudEvents.")]
-#[command(args_conflicts_with_subcommands = true)]
+#[command(args_conflicts_with_subcommands = true, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -22,6 +23,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start-up; size does not matter
 pub enum Command {
     /// Run the relay (default).
     Serve(ServeArgs),
@@ -121,6 +123,16 @@ pub struct ServeArgs {
     /// Largest fetched object in bytes; larger ones are dead-lettered.
     #[arg(long, env = "RELAY_MAX_OBJECT_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_object_bytes: usize,
+    /// Further OpenAI projects, comma-separated names; each needs OPENAI_WEBHOOK_SECRET_<NAME>
+    /// and OPENAI_API_KEY_<NAME> (upper-cased, `-` as `_`) and receives at /webhooks/openai/<name>.
+    #[arg(long, env = "RELAY_PROJECTS")]
+    pub projects: Option<String>,
+    /// Redis for deduplication across replicas (optional; in-process memory otherwise).
+    #[arg(long, env = "RELAY_DEDUP_REDIS_URL", hide_env_values = true)]
+    pub dedup_redis_url: Option<String>,
+    /// How long Redis remembers a published `webhook-id`, in seconds (at least 72 h).
+    #[arg(long, env = "RELAY_DEDUP_TTL_SECS", default_value_t = MIN_DEDUP_TTL_SECS)]
+    pub dedup_ttl_secs: u64,
     /// How long a handled `webhook-id` is remembered to skip duplicates, in seconds.
     #[arg(long, env = "RELAY_DEDUP_WINDOW_SECS", default_value_t = 3600)]
     pub dedup_window_secs: u64,
@@ -146,46 +158,111 @@ pub struct ServeArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{0} is required for the {1} role")]
-    Missing(&'static str, &'static str),
-    #[error("OPENAI_WEBHOOK_SECRET is unusable")]
-    Secret(#[from] SecretError),
+    Missing(String, &'static str),
+    #[error("{0} is unusable")]
+    Secret(String, #[source] SecretError),
     #[error("{0} is unusable: {1}")]
-    Invalid(&'static str, String),
+    Invalid(String, String),
+}
+
+/// One OpenAI project: its signing secrets and API key. The default project (the plain
+/// `OPENAI_WEBHOOK_SECRET` / `OPENAI_API_KEY`) has no name and receives at
+/// `/webhooks/openai`; a named one at `/webhooks/openai/<name>`.
+#[derive(Debug, Clone)]
+pub struct Project {
+    pub name: Option<String>,
+    pub secrets: Vec<Secret>,
+    pub api_key: Option<SecretString>,
+}
+
+impl Project {
+    /// The CloudEvent `source` of this project's events.
+    pub fn source(&self, default_source: &str) -> String {
+        match &self.name {
+            None => default_source.to_owned(),
+            Some(name) => format!("openai/{name}"),
+        }
+    }
 }
 
 /// Validated settings of a relay process.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub args: ServeArgs,
-    pub secrets: Vec<Secret>,
-    pub api_key: Option<SecretString>,
+    pub projects: Vec<Project>,
 }
 
 impl ServeArgs {
+    /// Validates against the process environment (where per-project variables live).
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let secrets = match (&self.webhook_secret, self.role.receives()) {
-            (Some(text), _) => Secret::parse_list(text)?,
-            (None, true) => return Err(ConfigError::Missing("OPENAI_WEBHOOK_SECRET", "receiver")),
-            (None, false) => Vec::new(),
-        };
-        let api_key = self.api_key.clone().filter(|k| !k.trim().is_empty()).map(SecretString::from);
-        if api_key.is_none() && self.role.works() {
-            return Err(ConfigError::Missing("OPENAI_API_KEY", "worker"));
+        self.validate_with(|name| std::env::var(name).ok())
+    }
+
+    /// Validates, reading per-project variables through `env`.
+    pub fn validate_with(self, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut projects = Vec::new();
+        let names: Vec<String> = self
+            .projects
+            .as_deref()
+            .unwrap_or_default()
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let given = |value: &Option<String>| value.as_deref().is_some_and(|v| !v.trim().is_empty());
+        if given(&self.webhook_secret) || given(&self.api_key) || names.is_empty() {
+            let (secret, key) = (self.webhook_secret.clone(), self.api_key.clone());
+            projects.push(self.project(None, "OPENAI_WEBHOOK_SECRET", secret, "OPENAI_API_KEY", key)?);
+        }
+        for name in names {
+            if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_') || name.len() > 64 {
+                return Err(ConfigError::Invalid("RELAY_PROJECTS".into(), format!("{name:?}: use a-z, 0-9, - and _")));
+            }
+            if projects.iter().any(|p| p.name.as_deref() == Some(name.as_str())) {
+                return Err(ConfigError::Invalid("RELAY_PROJECTS".into(), format!("{name:?} is listed twice")));
+            }
+            let suffix = name.to_ascii_uppercase().replace('-', "_");
+            let (secret_var, key_var) = (format!("OPENAI_WEBHOOK_SECRET_{suffix}"), format!("OPENAI_API_KEY_{suffix}"));
+            let (secret, key) = (env(&secret_var), env(&key_var));
+            projects.push(self.project(Some(name), &secret_var, secret, &key_var, key)?);
         }
         reqwest::Url::parse(&self.openai_base_url)
-            .map_err(|e| ConfigError::Invalid("OPENAI_BASE_URL", e.to_string()))?;
+            .map_err(|e| ConfigError::Invalid("OPENAI_BASE_URL".into(), e.to_string()))?;
         self.amqp_url
             .parse::<lapin::uri::AMQPUri>()
-            .map_err(|e| ConfigError::Invalid("AMQP_URL", e))?;
+            .map_err(|e| ConfigError::Invalid("AMQP_URL".into(), e))?;
         for (name, value) in [("RELAY_EXCHANGE", &self.exchange), ("RELAY_INBOX_QUEUE", &self.inbox_queue)] {
             // AMQP short strings; leave room for the derived queue suffixes.
             if value.is_empty() || value.len() > 200 {
-                return Err(ConfigError::Invalid(name, "must be 1 to 200 bytes".into()));
+                return Err(ConfigError::Invalid(name.into(), "must be 1 to 200 bytes".into()));
             }
         }
-        Ok(Config { args: self, secrets, api_key })
+        if let Some(url) = &self.dedup_redis_url {
+            redis::Client::open(url.as_str()).map_err(|e| ConfigError::Invalid("RELAY_DEDUP_REDIS_URL".into(), e.to_string()))?;
+        }
+        if self.dedup_ttl_secs < MIN_DEDUP_TTL_SECS {
+            return Err(ConfigError::Invalid("RELAY_DEDUP_TTL_SECS".into(), format!("must be at least {MIN_DEDUP_TTL_SECS} (OpenAI retries for 72 h)")));
+        }
+        Ok(Config { args: self, projects })
+    }
+
+    /// One project's secrets and key, required as far as this process's role needs them.
+    fn project(&self, name: Option<String>, secret_var: &str, secret: Option<String>, key_var: &str, key: Option<String>) -> Result<Project, ConfigError> {
+        let secrets = match (secret.filter(|s| !s.trim().is_empty()), self.role.receives()) {
+            (Some(text), _) => Secret::parse_list(&text).map_err(|e| ConfigError::Secret(secret_var.into(), e))?,
+            (None, true) => return Err(ConfigError::Missing(secret_var.into(), "receiver")),
+            (None, false) => Vec::new(),
+        };
+        let api_key = key.filter(|k| !k.trim().is_empty()).map(SecretString::from);
+        if api_key.is_none() && self.role.works() {
+            return Err(ConfigError::Missing(key_var.into(), "worker"));
+        }
+        Ok(Project { name, secrets, api_key })
     }
 }
+
+/// OpenAI retries a delivery for up to 72 hours; a shorter memory lets a late retry through.
+pub const MIN_DEDUP_TTL_SECS: u64 = 72 * 3600;
 
 impl Config {
     pub fn topology(&self) -> Topology {
@@ -194,5 +271,63 @@ impl Config {
 
     pub fn confirm_timeout(&self) -> Duration {
         Duration::from_millis(self.args.confirm_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "whsec_RdvaYFYUXuIFuEbvZHwMfYFhUf7aMYjYcmM24+Aj40c=";
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        // Explicit empty values, so that variables exported in the developer's shell
+        // (OPENAI_API_KEY is a common one) cannot leak into these tests.
+        let mut argv = vec!["relay", "serve", "--amqp-url", "amqp://127.0.0.1:5672/%2f", "--webhook-secret", "", "--api-key", ""];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Some(Command::Serve(args)) => args,
+            _ => unreachable!(),
+        }
+    }
+
+    fn validate(extra: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        args(extra).validate_with(|name| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()))
+    }
+
+    #[test]
+    fn a_missing_secret_or_key_is_named() {
+        let err = validate(&["--api-key", "sk"], &[]).unwrap_err().to_string();
+        assert_eq!(err, "OPENAI_WEBHOOK_SECRET is required for the receiver role");
+        let err = validate(&["--webhook-secret", SECRET], &[]).unwrap_err().to_string();
+        assert_eq!(err, "OPENAI_API_KEY is required for the worker role");
+        assert!(validate(&["--webhook-secret", SECRET, "--role", "receiver"], &[]).is_ok());
+    }
+
+    #[test]
+    fn each_named_project_needs_its_own_variables() {
+        let err = validate(&["--projects", "alpha", "--role", "receiver"], &[]).unwrap_err().to_string();
+        assert_eq!(err, "OPENAI_WEBHOOK_SECRET_ALPHA is required for the receiver role");
+        let env = [("OPENAI_WEBHOOK_SECRET_MY_TEAM", SECRET), ("OPENAI_API_KEY_MY_TEAM", "sk")];
+        let config = validate(&["--projects", "my-team"], &env).unwrap();
+        assert_eq!(config.projects.len(), 1, "no default project without its variables");
+        assert_eq!(config.projects[0].source("openai"), "openai/my-team");
+        let err = validate(&["--projects", "my-team"], &[("OPENAI_WEBHOOK_SECRET_MY_TEAM", "whsec_short"), ("OPENAI_API_KEY_MY_TEAM", "sk")]).unwrap_err();
+        assert_eq!(err.to_string(), "OPENAI_WEBHOOK_SECRET_MY_TEAM is unusable");
+    }
+
+    #[test]
+    fn project_names_are_checked() {
+        for bad in ["Alpha", "a/b", "alpha,alpha"] {
+            let env = [("OPENAI_WEBHOOK_SECRET_ALPHA", SECRET)];
+            let err = validate(&["--role", "receiver", "--projects", bad], &env).unwrap_err().to_string();
+            assert!(err.starts_with("RELAY_PROJECTS is unusable"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_dedup_ttl_covers_openais_retry_window() {
+        let err = validate(&["--webhook-secret", SECRET, "--api-key", "sk", "--dedup-ttl-secs", "3600"], &[]).unwrap_err();
+        assert!(err.to_string().starts_with("RELAY_DEDUP_TTL_SECS is unusable"));
     }
 }

@@ -80,20 +80,19 @@ impl FetchError {
 pub struct ApiClient {
     http: reqwest::Client,
     base: Url,
-    key: SecretString,
     max_bytes: usize,
     metrics: Arc<Metrics>,
 }
 
 impl ApiClient {
-    pub fn new(base: Url, key: SecretString, timeout: Duration, max_bytes: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(base: Url, timeout: Duration, max_bytes: usize, metrics: Arc<Metrics>) -> Self {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("openai-webhook-relay/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("reqwest client with static settings");
-        Self { http, base, key, max_bytes, metrics }
+        Self { http, base, max_bytes, metrics }
     }
 
     fn url(&self, target: Target<'_>) -> Url {
@@ -107,9 +106,10 @@ impl ApiClient {
     }
 
     #[tracing::instrument(name = "fetch", skip_all, fields(object_id = target.id, status))]
-    pub async fn fetch(&self, target: Target<'_>) -> Result<Fetched, FetchError> {
+    /// One attempt with the project's API `key`.
+    pub async fn fetch(&self, target: Target<'_>, key: &SecretString) -> Result<Fetched, FetchError> {
         let started = Instant::now();
-        let result = self.attempt(target).await;
+        let result = self.attempt(target, key).await;
         let kind = target.kind.field();
         let status = match &result {
             Ok(Fetched::Object(_)) => "200".to_owned(),
@@ -125,11 +125,11 @@ impl ApiClient {
         result
     }
 
-    async fn attempt(&self, target: Target<'_>) -> Result<Fetched, FetchError> {
+    async fn attempt(&self, target: Target<'_>, key: &SecretString) -> Result<Fetched, FetchError> {
         let response = self
             .http
             .get(self.url(target))
-            .bearer_auth(self.key.expose_secret())
+            .bearer_auth(key.expose_secret())
             .send()
             .await
             .map_err(transport)?;

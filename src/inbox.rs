@@ -2,9 +2,9 @@
 //! and how the worker reads it back.
 //!
 //! Message format (part of the contract): body = the raw request body bytes; AMQP headers
-//! `webhook-id`, `webhook-timestamp`, `webhook-signature` (and `traceparent` when the request
-//! had one); persistent; `message_id` = `webhook-id`. The worker adds `x-relay-attempts` when
-//! it parks a delivery for retry.
+//! `webhook-id`, `webhook-timestamp`, `webhook-signature`, plus `openai-project` for a named
+//! project and `traceparent` when the request had one; persistent; `message_id` =
+//! `webhook-id`. The worker adds `x-relay-attempts` when it parks a delivery for retry.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -18,6 +18,8 @@ use crate::verify::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Verified};
 
 /// W3C trace context, carried from the webhook request into the published event.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// The project a delivery was received for (absent for the default project).
+pub const HEADER_PROJECT: &str = "openai-project";
 /// How many fetch attempts a delivery has used so far.
 pub const HEADER_ATTEMPTS: &str = "x-relay-attempts";
 
@@ -37,7 +39,7 @@ impl Inbox {
 
     /// Stores a verified delivery; returns once the broker has confirmed it, so the caller
     /// may acknowledge it to OpenAI.
-    pub async fn store(&self, delivery: &Verified, traceparent: Option<&str>) -> Result<(), PublishError> {
+    pub async fn store(&self, delivery: &Verified, project: Option<&str>, traceparent: Option<&str>) -> Result<(), PublishError> {
         let mut headers = FieldTable::default();
         for (name, value) in [
             (HEADER_ID, delivery.id()),
@@ -45,6 +47,7 @@ impl Inbox {
             (HEADER_SIGNATURE, delivery.signature()),
         ]
         .into_iter()
+        .chain(project.map(|p| (HEADER_PROJECT, p)))
         .chain(traceparent.map(|tp| (HEADER_TRACEPARENT, tp)))
         {
             headers.insert(name.into(), AMQPValue::LongString(value.into()));

@@ -1,6 +1,7 @@
 //! Publishing a normalized CloudEvent to the output topic exchange (worker stage 3).
 //!
-//! Routing key = the OpenAI event type, so consumers bind `response.*` or `#`. Published
+//! Routing key = the OpenAI event type, so consumers bind `response.*` or `#`; events of a
+//! named project carry the header `openai-project`. Published
 //! persistent and `mandatory`: an event no queue would take comes back as unroutable and
 //! the worker retries it instead of losing it.
 
@@ -11,7 +12,7 @@ use lapin::types::{AMQPValue, FieldTable};
 
 use crate::broker::{Broker, Outgoing, PublishError};
 use crate::envelope::Envelope;
-use crate::inbox::{HEADER_TRACEPARENT, PERSISTENT};
+use crate::inbox::{HEADER_PROJECT, HEADER_TRACEPARENT, PERSISTENT};
 use crate::metrics::Metrics;
 use crate::verify::HEADER_ID;
 
@@ -34,11 +35,15 @@ impl EventPublisher {
         &self,
         envelope: &Envelope,
         webhook_id: &str,
+        project: Option<&str>,
         traceparent: Option<&str>,
         cloud_event: &[u8],
     ) -> Result<(), PublishError> {
         let mut headers = FieldTable::default();
         headers.insert(HEADER_ID.into(), AMQPValue::LongString(webhook_id.into()));
+        if let Some(project) = project {
+            headers.insert(HEADER_PROJECT.into(), AMQPValue::LongString(project.into()));
+        }
         if let Some(tp) = traceparent {
             headers.insert(HEADER_TRACEPARENT.into(), AMQPValue::LongString(tp.into()));
         }

@@ -24,6 +24,8 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("request body could not be read: {0}")]
     UnreadableBody(String),
+    #[error("no such project")]
+    UnknownProject,
     #[error("too many webhook requests in flight")]
     Busy,
     #[error("delivery could not be stored: {0}")]
@@ -36,6 +38,7 @@ impl ApiError {
             Self::Verify(e) if e.is_unauthorized() => StatusCode::UNAUTHORIZED,
             Self::Verify(_) | Self::NotAnEvent(_) | Self::UnreadableBody(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnknownProject => StatusCode::NOT_FOUND,
             Self::Busy | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -48,6 +51,7 @@ impl ApiError {
             Self::NotAnEvent(_) => "not_an_event",
             Self::TooLarge(_) => "too_large",
             Self::UnreadableBody(_) => "unreadable",
+            Self::UnknownProject => "unknown_project",
             Self::Busy => "busy",
             Self::Unavailable(_) => "unavailable",
         }

@@ -5,6 +5,7 @@ mod health;
 mod receive;
 mod serve;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +33,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Cancelled when a stop signal arrived: readiness turns 503.
     pub draining: CancellationToken,
-    pub verifier: Arc<Verifier>,
+    /// Verifiers by project name (`None`: the default project).
+    pub verifiers: Arc<HashMap<Option<String>, Verifier>>,
     pub inbox: Inbox,
     pub body_limit: usize,
     pub in_flight: Arc<Semaphore>,
@@ -45,10 +47,10 @@ pub fn router(state: AppState, receiver: bool, request_timeout: Duration) -> Rou
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics));
     if receiver {
-        router = router.route(
-            "/webhooks/openai",
-            post(receive::receive).layer(DefaultBodyLimit::max(state.body_limit)),
-        );
+        let limit = DefaultBodyLimit::max(state.body_limit);
+        router = router
+            .route("/webhooks/openai", post(receive::receive).layer(limit))
+            .route("/webhooks/openai/{project}", post(receive::receive_project).layer(limit));
     }
     router
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, request_timeout))

@@ -5,7 +5,7 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -18,13 +18,24 @@ use crate::envelope::Envelope;
 use crate::inbox::{HEADER_TRACEPARENT, unix_now};
 use crate::metrics::{InFlight, label};
 
-#[tracing::instrument(name = "receive", skip_all, fields(webhook_id, event_id, event_type))]
-pub async fn receive(
+/// `POST /webhooks/openai`: the default project.
+pub async fn receive(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    respond(&state, None, &headers, body).await
+}
+
+/// `POST /webhooks/openai/{project}`: a project named in `RELAY_PROJECTS`.
+pub async fn receive_project(
     State(state): State<AppState>,
+    Path(project): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let result = handle(&state, &headers, body).await;
+    respond(&state, Some(project), &headers, body).await
+}
+
+#[tracing::instrument(name = "receive", skip_all, fields(project = project.as_deref().unwrap_or("default"), webhook_id, event_id, event_type))]
+async fn respond(state: &AppState, project: Option<String>, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let result = handle(state, project, headers, body).await;
     let outcome = result.as_ref().map_or_else(ApiError::outcome, |_| "accepted");
     state.metrics.deliveries.get_or_create(&label("outcome", outcome)).inc();
     if let Err(ApiError::Verify(e)) = &result {
@@ -35,6 +46,7 @@ pub async fn receive(
 
 async fn handle(
     state: &AppState,
+    project: Option<String>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -48,7 +60,9 @@ async fn handle(
         other => ApiError::UnreadableBody(other.body_text()),
     })?;
 
-    let verified = state.verifier.verify(headers, body, unix_now())?;
+    // A delivery signed for one project verifies only on that project's path.
+    let verifier = state.verifiers.get(&project).ok_or(ApiError::UnknownProject)?;
+    let verified = verifier.verify(headers, body, unix_now())?;
     let span = Span::current();
     span.record("webhook_id", verified.id());
     let envelope = Envelope::parse(verified.body())?;
@@ -56,7 +70,7 @@ async fn handle(
     span.record("event_type", envelope.kind.as_str());
 
     let traceparent = headers.get(HEADER_TRACEPARENT).and_then(|v| v.to_str().ok());
-    state.inbox.store(&verified, traceparent).await?;
+    state.inbox.store(&verified, project.as_deref(), traceparent).await?;
     tracing::info!("delivery stored in the inbox");
     Ok(Json(json!({ "status": "stored", "webhook_id": verified.id() })))
 }

@@ -1,14 +1,62 @@
-//! Skipping repeated deliveries of the same `webhook-id` within one worker process.
+//! Skipping repeated deliveries of the same `webhook-id`.
 //!
 //! OpenAI may deliver an event twice, and a redelivered inbox message (after a lost ack)
-//! would publish twice too. Memory is bounded by a window and a capacity; across replicas
-//! consumers still deduplicate by the CloudEvent `id` (delivery is at-least-once).
+//! would publish twice too. By default each worker process remembers recent ids in memory
+//! (bounded by a window and a capacity), so duplicates are caught per process; with
+//! `RELAY_DEDUP_REDIS_URL` the claim is shared by every replica. Either way consumers can
+//! still see a repeat (delivery is at-least-once) and deduplicate by the CloudEvent `id`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-pub struct Dedup {
+use redis::aio::ConnectionManager;
+
+/// What a claim on an id found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Ours to handle.
+    Fresh,
+    /// Already published: skip it.
+    Duplicate,
+    /// Another replica is handling it right now: try again later (if that replica dies,
+    /// its claim expires and ours goes through).
+    Busy,
+}
+
+pub enum Dedup {
+    Memory(Memory),
+    Redis(Shared),
+}
+
+impl Dedup {
+    pub async fn claim(&self, key: &str) -> Claim {
+        match self {
+            Self::Memory(m) => m.claim(key),
+            Self::Redis(r) => r.claim(key).await,
+        }
+    }
+
+    /// The claimed id was published: remember it.
+    pub async fn complete(&self, key: &str) {
+        match self {
+            Self::Memory(m) => m.complete(key),
+            Self::Redis(r) => r.complete(key).await,
+        }
+    }
+
+    /// The claimed id was not published (it will be retried or dead-lettered): forget the
+    /// claim, so that its next delivery is handled.
+    pub async fn release(&self, key: &str) {
+        match self {
+            Self::Memory(m) => m.release(key),
+            Self::Redis(r) => r.release(key).await,
+        }
+    }
+}
+
+/// In-process memory of recent ids.
+pub struct Memory {
     /// A std mutex: it is never held across an `.await`, and each use is a few map operations.
     state: Mutex<State>,
     window: Duration,
@@ -23,13 +71,14 @@ struct State {
     published: VecDeque<(Instant, String)>,
 }
 
-impl Dedup {
+impl Memory {
     pub fn new(window: Duration, capacity: usize) -> Self {
         Self { state: Mutex::default(), window, capacity }
     }
 
-    /// Claims `id` for handling; `false` if it is being handled or was published recently.
-    pub fn claim(&self, id: &str) -> bool {
+    /// In this process a second copy of an id in flight is skipped as a duplicate: the
+    /// first copy is either published or parked for retry, so nothing is lost.
+    fn claim(&self, id: &str) -> Claim {
         let mut state = self.state.lock().expect("dedup lock");
         let now = Instant::now();
         while let Some((at, _)) = state.published.front() {
@@ -40,26 +89,100 @@ impl Dedup {
             state.seen.remove(&old);
         }
         if state.seen.contains_key(id) {
-            return false;
+            return Claim::Duplicate;
         }
         state.seen.insert(id.to_owned(), None);
-        true
+        Claim::Fresh
     }
 
-    /// The claimed id was published: remember it for the window.
-    pub fn complete(&self, id: &str) {
+    fn complete(&self, id: &str) {
         let mut state = self.state.lock().expect("dedup lock");
         let now = Instant::now();
         state.seen.insert(id.to_owned(), Some(now));
         state.published.push_back((now, id.to_owned()));
     }
 
-    /// The claimed id was not published (it will be retried or dead-lettered): forget it,
-    /// so that its next delivery is handled.
-    pub fn release(&self, id: &str) {
+    fn release(&self, id: &str) {
         let mut state = self.state.lock().expect("dedup lock");
         if state.seen.get(id) == Some(&None) {
             state.seen.remove(id);
+        }
+    }
+}
+
+const KEY_PREFIX: &str = "openai-webhook-relay:dedup:";
+const DONE: &str = "done";
+
+/// Claims shared through Redis: `SET key pending:<worker> NX PX <pending_ttl>` before the
+/// work, `done` with the long TTL after publishing, deleted (if still ours) on failure.
+/// Redis trouble never blocks an event: the claim then counts as fresh (a possible
+/// duplicate, never a loss) and a warning is logged.
+pub struct Shared {
+    redis: ConnectionManager,
+    /// Distinguishes this process's pending claims from other replicas'.
+    owner: String,
+    ttl: Duration,
+    pending_ttl: Duration,
+}
+
+impl Shared {
+    pub async fn connect(url: &str, ttl: Duration, pending_ttl: Duration) -> redis::RedisResult<Self> {
+        let redis = ConnectionManager::new(redis::Client::open(url)?).await?;
+        Ok(Self { redis, owner: format!("pending:{:016x}", fastrand::u64(..)), ttl, pending_ttl })
+    }
+
+    async fn claim(&self, key: &str) -> Claim {
+        let key = format!("{KEY_PREFIX}{key}");
+        let mut redis = self.redis.clone();
+        let claimed: redis::RedisResult<Option<String>> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&self.owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.pending_ttl.as_millis() as u64)
+            .query_async(&mut redis)
+            .await;
+        match claimed {
+            Ok(Some(_)) => return Claim::Fresh,
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%error, "dedup claim failed; handling the delivery anyway");
+                return Claim::Fresh;
+            }
+        }
+        match redis::cmd("GET").arg(&key).query_async::<Option<String>>(&mut redis).await {
+            Ok(Some(value)) if value == DONE => Claim::Duplicate,
+            Ok(Some(_)) => Claim::Busy,
+            // The other claim expired just now: let the retry take it.
+            Ok(None) => Claim::Busy,
+            Err(error) => {
+                tracing::warn!(%error, "dedup lookup failed; handling the delivery anyway");
+                Claim::Fresh
+            }
+        }
+    }
+
+    async fn complete(&self, key: &str) {
+        let mut redis = self.redis.clone();
+        let done: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(format!("{KEY_PREFIX}{key}"))
+            .arg(DONE)
+            .arg("EX")
+            .arg(self.ttl.as_secs())
+            .query_async(&mut redis)
+            .await;
+        if let Err(error) = done {
+            tracing::warn!(%error, "dedup could not record a published delivery");
+        }
+    }
+
+    async fn release(&self, key: &str) {
+        // Delete only our own pending claim, never another replica's or a `done`.
+        let script = redis::Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0");
+        let mut redis = self.redis.clone();
+        let released: redis::RedisResult<i64> = script.key(format!("{KEY_PREFIX}{key}")).arg(&self.owner).invoke_async(&mut redis).await;
+        if let Err(error) = released {
+            tracing::warn!(%error, "dedup could not release a claim; it expires by itself");
         }
     }
 }
@@ -70,29 +193,29 @@ mod tests {
 
     #[test]
     fn a_published_id_is_refused_until_the_window_passes() {
-        let d = Dedup::new(Duration::from_millis(50), 10);
-        assert!(d.claim("wh_1"));
-        assert!(!d.claim("wh_1"), "in flight");
+        let d = Memory::new(Duration::from_millis(50), 10);
+        assert_eq!(d.claim("wh_1"), Claim::Fresh);
+        assert_eq!(d.claim("wh_1"), Claim::Duplicate, "in flight");
         d.complete("wh_1");
-        assert!(!d.claim("wh_1"), "published");
+        assert_eq!(d.claim("wh_1"), Claim::Duplicate, "published");
         std::thread::sleep(Duration::from_millis(60));
-        assert!(d.claim("wh_1"), "window passed");
+        assert_eq!(d.claim("wh_1"), Claim::Fresh, "window passed");
     }
 
     #[test]
     fn a_released_id_can_be_claimed_again() {
-        let d = Dedup::new(Duration::from_secs(60), 10);
-        assert!(d.claim("wh_1"));
+        let d = Memory::new(Duration::from_secs(60), 10);
+        assert_eq!(d.claim("wh_1"), Claim::Fresh);
         d.release("wh_1");
-        assert!(d.claim("wh_1"));
+        assert_eq!(d.claim("wh_1"), Claim::Fresh);
     }
 
     #[test]
     fn memory_is_bounded_by_capacity() {
-        let d = Dedup::new(Duration::from_secs(60), 3);
+        let d = Memory::new(Duration::from_secs(60), 3);
         for i in 0..10 {
             let id = format!("wh_{i}");
-            assert!(d.claim(&id));
+            assert_eq!(d.claim(&id), Claim::Fresh);
             d.complete(&id);
         }
         d.claim("next");

@@ -7,13 +7,15 @@
 //! dead-lettered (ack after the copy is confirmed), or, when the broker itself fails,
 //! left unacked so RabbitMQ redelivers it.
 
-mod dedup;
+pub mod dedup;
 pub mod retry;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use secrecy::SecretString;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -22,13 +24,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span};
 
-pub use dedup::Dedup;
+pub use dedup::{Claim, Dedup};
 use retry::{Failure, RetryPolicy};
 
 use crate::broker::{Broker, Link, PublishError};
 use crate::envelope::{self, Envelope};
 use crate::fetch::{ApiClient, Fetched};
-use crate::inbox::{HEADER_ATTEMPTS, HEADER_TRACEPARENT, header, int_header};
+use crate::inbox::{HEADER_ATTEMPTS, HEADER_PROJECT, HEADER_TRACEPARENT, header, int_header};
 use crate::metrics::{InFlight, Metrics, label};
 use crate::normalize::{Enrichment, normalize};
 use crate::publish::EventPublisher;
@@ -47,14 +49,23 @@ pub struct Worker {
     pub metrics: Arc<Metrics>,
     pub dedup: Dedup,
     pub policy: RetryPolicy,
-    pub source: String,
+    /// API key and CloudEvent source by project (`None`: the default project).
+    pub projects: HashMap<Option<String>, WorkerProject>,
     pub concurrency: usize,
+}
+
+/// What the worker needs of one OpenAI project.
+pub struct WorkerProject {
+    pub api_key: SecretString,
+    pub source: String,
 }
 
 /// How one delivery ended.
 enum Disposition {
     Published,
     Duplicate,
+    /// Another replica holds the claim on this delivery: look again later, no attempt used.
+    Busy,
     Retry(Failure),
     Dead(Failure),
     BrokerFailed(PublishError),
@@ -126,17 +137,18 @@ impl Worker {
         let _in_flight = InFlight::track(&self.metrics.deliveries_in_flight);
         let properties = &delivery.properties;
         let webhook_id = header(properties, HEADER_ID).unwrap_or_default().to_owned();
+        let project = header(properties, HEADER_PROJECT).map(str::to_owned);
         let used = u32::try_from(int_header(properties, HEADER_ATTEMPTS).unwrap_or(0)).unwrap_or(0);
-        let span = tracing::info_span!("deliver", %webhook_id, event_id = tracing::field::Empty, event_type = tracing::field::Empty, object_id = tracing::field::Empty, attempt = used + 1);
+        let span = tracing::info_span!("deliver", project = project.as_deref().unwrap_or("default"), %webhook_id, event_id = tracing::field::Empty, event_type = tracing::field::Empty, object_id = tracing::field::Empty, attempt = used + 1);
         async move {
-            let disposition = self.process(&delivery, &webhook_id).await;
+            let disposition = self.process(&delivery, project, &webhook_id).await;
             self.settle(&delivery, used + 1, disposition).await;
         }
         .instrument(span)
         .await;
     }
 
-    async fn process(&self, delivery: &Delivery, webhook_id: &str) -> Disposition {
+    async fn process(&self, delivery: &Delivery, project: Option<String>, webhook_id: &str) -> Disposition {
         let envelope = match Envelope::parse(&delivery.data) {
             Ok(envelope) => envelope,
             // The receiver checked this; only a message put into the inbox by hand gets here.
@@ -148,22 +160,38 @@ impl Worker {
         if let Some(subject) = envelope.subject() {
             span.record("object_id", subject);
         }
-        if !self.dedup.claim(webhook_id) {
-            return Disposition::Duplicate;
+        let Some(settings) = self.projects.get(&project) else {
+            // The receivers know a project this worker does not: a deployment mistake that an
+            // operator fixes, like a wrong key; retried, then dead-lettered.
+            let message = format!("no API key for project {:?} in this worker", project.as_deref().unwrap_or("default"));
+            return Disposition::Retry(failure(None, "unknown_project", message, None));
+        };
+        let key = format!("{}/{webhook_id}", project.as_deref().unwrap_or(""));
+        match self.dedup.claim(&key).await {
+            Claim::Fresh => {}
+            Claim::Duplicate => return Disposition::Duplicate,
+            Claim::Busy => return Disposition::Busy,
         }
-        let disposition = self.enrich_and_publish(delivery, &envelope, webhook_id).await;
+        let disposition = self.enrich_and_publish(delivery, &envelope, project.as_deref(), settings, webhook_id).await;
         match disposition {
-            Disposition::Published => self.dedup.complete(webhook_id),
-            _ => self.dedup.release(webhook_id),
+            Disposition::Published => self.dedup.complete(&key).await,
+            _ => self.dedup.release(&key).await,
         }
         disposition
     }
 
-    async fn enrich_and_publish(&self, delivery: &Delivery, envelope: &Envelope, webhook_id: &str) -> Disposition {
+    async fn enrich_and_publish(
+        &self,
+        delivery: &Delivery,
+        envelope: &Envelope,
+        project: Option<&str>,
+        settings: &WorkerProject,
+        webhook_id: &str,
+    ) -> Disposition {
         let raw_event = envelope::raw(&delivery.data).expect("parsed as an envelope just before");
         let fetched = match envelope.target() {
             None => None,
-            Some(target) => match self.api.fetch(target).await {
+            Some(target) => match self.api.fetch(target, &settings.api_key).await {
                 Ok(fetched) => Some((target.kind, fetched)),
                 Err(e) if e.is_retryable() => return Disposition::Retry(failure(e.status(), &e.reason(), e.to_string(), e.retry_after())),
                 Err(e) => return Disposition::Dead(failure(e.status(), &e.reason(), e.to_string(), None)),
@@ -174,12 +202,12 @@ impl Worker {
             Some((kind, Fetched::Object(object))) => (Enrichment::Object(*kind, object), "object"),
             Some((_, Fetched::Gone { message })) => (Enrichment::Gone { status: 404, message }, "gone"),
         };
-        let cloud_event = match normalize(envelope, raw_event, &self.source, enrichment) {
+        let cloud_event = match normalize(envelope, raw_event, &settings.source, enrichment) {
             Ok(bytes) => bytes,
             Err(e) => return Disposition::Dead(failure(None, "normalize", e.to_string(), None)),
         };
         let traceparent = header(&delivery.properties, HEADER_TRACEPARENT);
-        match self.publisher.publish(envelope, webhook_id, traceparent, &cloud_event).await {
+        match self.publisher.publish(envelope, webhook_id, project, traceparent, &cloud_event).await {
             Ok(()) => {
                 self.metrics.events_published.get_or_create(&label("enrichment", how)).inc();
                 tracing::info!(enrichment = how, "event published");
@@ -198,6 +226,12 @@ impl Worker {
                 self.metrics.duplicates.inc();
                 tracing::info!("duplicate delivery skipped");
                 Ok(())
+            }
+            Disposition::Busy => {
+                let delay = self.policy.initial.max(Duration::from_secs(1));
+                tracing::info!(retry_in = ?delay, "another replica is handling this delivery; looking again later");
+                let f = failure(None, "claimed_elsewhere", "another replica holds the dedup claim".into(), None);
+                retry::park(&self.broker, &self.topology, &self.metrics, delivery, attempts - 1, delay, &f).await
             }
             Disposition::Retry(f) if attempts < self.policy.max_attempts => {
                 let delay = self.policy.delay(attempts, f.retry_after);

@@ -54,6 +54,8 @@ struct Inner {
     /// Every fallback answer for an id (after scripts run out).
     always: HashMap<String, Scripted>,
     requests: HashMap<String, usize>,
+    /// The bearer keys each id was fetched with.
+    keys: HashMap<String, Vec<String>>,
     bad_auth: usize,
 }
 
@@ -94,6 +96,11 @@ impl FakeOpenAi {
         self.inner.lock().unwrap().requests.get(id).copied().unwrap_or(0)
     }
 
+    /// The bearer keys `id` was fetched with, in order.
+    pub fn keys(&self, id: &str) -> Vec<String> {
+        self.inner.lock().unwrap().keys.get(id).cloned().unwrap_or_default()
+    }
+
     pub fn bad_auth(&self) -> usize {
         self.inner.lock().unwrap().bad_auth
     }
@@ -105,10 +112,13 @@ fn fixtures() -> PathBuf {
 
 async fn serve(State(inner): State<Arc<Mutex<Inner>>>, Path(rest): Path<String>, headers: HeaderMap) -> Response<Body> {
     let id = rest.rsplit('/').next().unwrap_or_default().to_owned();
-    let authorized = headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {API_KEY}"));
+    let key = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default().to_owned();
+    // Project keys in tests start with the default key (`sk-test-relay-alpha`, ...).
+    let authorized = key.starts_with(API_KEY);
     let scripted = {
         let mut inner = inner.lock().unwrap();
         *inner.requests.entry(id.clone()).or_default() += 1;
+        inner.keys.entry(id.clone()).or_default().push(key);
         if !authorized {
             inner.bad_auth += 1;
         }

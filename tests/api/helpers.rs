@@ -31,11 +31,14 @@ pub struct Options {
     pub tolerance_secs: u64,
     pub amqp_url: String,
     pub extra: Vec<String>,
+    /// Per-project variables (`OPENAI_WEBHOOK_SECRET_ALPHA`, ...), read instead of the
+    /// process environment, which parallel tests share.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { role: "all", secrets: secret_text(), tolerance_secs: 300, amqp_url: amqp_url(), extra: Vec::new() }
+        Self { role: "all", secrets: secret_text(), tolerance_secs: 300, amqp_url: amqp_url(), extra: Vec::new(), env: Vec::new() }
     }
 }
 
@@ -96,9 +99,10 @@ pub async fn spawn_relay_with(options: Options, openai: FakeOpenAi, topology: To
     let Some(Command::Serve(args)) = Cli::try_parse_from(argv).expect("test arguments parse").command else {
         unreachable!("serve subcommand given")
     };
-    let config = args.validate().expect("test config is valid");
+    let env = options.env;
+    let config = args.validate_with(|name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())).expect("test config is valid");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = App::with_listener(config, listener).expect("app builds");
+    let app = App::with_listener(config, listener).await.expect("app builds");
     let url = format!("http://{}", app.local_addr());
     let stop = CancellationToken::new();
     let task = tokio::spawn(app.run_until(stop.clone().cancelled_owned()));

@@ -11,3 +11,4 @@ mod worker;
 mod operations;
 mod proxy;
 mod cli;
+mod projects;

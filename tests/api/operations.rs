@@ -135,7 +135,12 @@ async fn a_cut_broker_connection_gives_503_then_heals_by_itself_without_losing_e
 }
 
 /// Starts the real binary with the given extra environment.
-pub fn spawn_binary(openai: &crate::fake_openai::FakeOpenAi, topology: &openai_webhook_relay::topology::Topology, port: u16) -> std::process::Child {
+pub fn spawn_binary(
+    openai: &crate::fake_openai::FakeOpenAi,
+    topology: &openai_webhook_relay::topology::Topology,
+    port: u16,
+    extra: &[(&str, &str)],
+) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_openai-webhook-relay"))
         .env("OPENAI_WEBHOOK_SECRET", crate::helpers::secret_text())
         .env("OPENAI_API_KEY", crate::fake_openai::API_KEY)
@@ -145,6 +150,7 @@ pub fn spawn_binary(openai: &crate::fake_openai::FakeOpenAi, topology: &openai_w
         .env("RELAY_EXCHANGE", &topology.exchange)
         .env("RELAY_INBOX_QUEUE", &topology.inbox)
         .env("RUST_LOG", "warn")
+        .envs(extra.iter().copied())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("the relay binary starts")
@@ -163,7 +169,7 @@ async fn sigterm_lets_the_delivery_in_hand_finish_and_exits_0() {
     let topology = unique_topology();
     let _cleanup = Cleanup(topology.clone());
     let port = free_port();
-    let mut child = spawn_binary(&openai, &topology, port);
+    let mut child = spawn_binary(&openai, &topology, port, &[]);
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

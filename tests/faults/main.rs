@@ -7,6 +7,8 @@
 //! they live in their own test binary (cargo runs test binaries one after another) and
 //! take a lock so that they also run one at a time.
 
+// Shared with tests/api, which uses more of it than these tests do.
+#[allow(dead_code)]
 #[path = "../api/fake_openai.rs"]
 mod fake_openai;
 #[path = "../api/proxy.rs"]

@@ -1,0 +1,159 @@
+//! Several OpenAI projects on one relay, and deduplication across replicas through Redis.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use base64::Engine;
+use openai_webhook_relay::inbox::{header, unix_now};
+use openai_webhook_relay::verify::Secret;
+
+use crate::fake_openai::API_KEY;
+use crate::helpers::{Options, Relay, event, spawn_relay, webhook_id};
+
+fn secret_of(byte: u8) -> String {
+    format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode([byte; 32]))
+}
+
+/// POSTs `body` to `path`, signed with `secret`.
+async fn deliver_to(relay: &Relay, path: &str, secret: &str, body: &str) -> u16 {
+    let (id, ts) = (webhook_id(), unix_now().to_string());
+    let signature = Secret::parse(secret).unwrap().sign(&id, &ts, body.as_bytes());
+    relay
+        .http
+        .post(format!("{}{path}", relay.url))
+        .header("webhook-id", id)
+        .header("webhook-timestamp", ts)
+        .header("webhook-signature", signature)
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn each_project_is_served_with_its_own_secret_and_key_and_tagged() {
+    let (alpha, beta) = (secret_of(1), secret_of(2));
+    let mut options = Options::default().arg("--projects", "alpha,beta-2");
+    options.env = vec![
+        ("OPENAI_WEBHOOK_SECRET_ALPHA".into(), alpha.clone()),
+        ("OPENAI_API_KEY_ALPHA".into(), format!("{API_KEY}-alpha")),
+        ("OPENAI_WEBHOOK_SECRET_BETA_2".into(), beta.clone()),
+        ("OPENAI_API_KEY_BETA_2".into(), format!("{API_KEY}-beta")),
+    ];
+    let relay = spawn_relay(options).await;
+    let queue = relay.bind("#").await;
+
+    // Each project at its own path, with its own secret; fetched with its own key.
+    assert_eq!(deliver_to(&relay, "/webhooks/openai/alpha", &alpha, &event("response.completed", "resp_completed01")).await, 200);
+    let got = relay.amqp.next(&queue, Duration::from_secs(10)).await.expect("alpha's event");
+    let cloud_event: serde_json::Value = serde_json::from_slice(&got.data).unwrap();
+    assert_eq!(cloud_event["source"], "openai/alpha");
+    assert_eq!(header(&got.properties, "openai-project"), Some("alpha"));
+    assert_eq!(got.routing_key.as_str(), "response.completed", "the routing key stays the event type");
+    assert_eq!(relay.openai.keys("resp_completed01"), [format!("{API_KEY}-alpha")]);
+
+    assert_eq!(deliver_to(&relay, "/webhooks/openai/beta-2", &beta, &event("batch.completed", "batch_completed01")).await, 200);
+    let got = relay.amqp.next(&queue, Duration::from_secs(10)).await.expect("beta's event");
+    let cloud_event: serde_json::Value = serde_json::from_slice(&got.data).unwrap();
+    assert_eq!(cloud_event["source"], "openai/beta-2");
+    assert_eq!(relay.openai.keys("batch_completed01"), [format!("{API_KEY}-beta")]);
+
+    // The single-project variables keep working at the plain path, untagged.
+    assert_eq!(relay.deliver(&event("something.new", "x_1")).await.status(), 200);
+    let got = relay.amqp.next(&queue, Duration::from_secs(10)).await.expect("default project's event");
+    let cloud_event: serde_json::Value = serde_json::from_slice(&got.data).unwrap();
+    assert_eq!(cloud_event["source"], "openai");
+    assert_eq!(header(&got.properties, "openai-project"), None);
+
+    // A delivery signed for one project is refused on another's path, and on the default one.
+    let body = event("something.new", "x_2");
+    assert_eq!(deliver_to(&relay, "/webhooks/openai/beta-2", &alpha, &body).await, 401);
+    assert_eq!(deliver_to(&relay, "/webhooks/openai", &alpha, &body).await, 401);
+    assert_eq!(deliver_to(&relay, "/webhooks/openai/alpha", &crate::helpers::secret_text(), &body).await, 401);
+    assert_eq!(deliver_to(&relay, "/webhooks/openai/gamma", &alpha, &body).await, 404);
+    assert!(relay.amqp.next(&queue, Duration::from_millis(300)).await.is_none(), "nothing refused was published");
+}
+
+#[tokio::test]
+async fn duplicated_deliveries_to_two_replicas_are_published_once_with_redis() {
+    use crate::fake_openai::FakeOpenAi;
+    use crate::helpers::{Amqp, Cleanup, unique_topology};
+    use crate::operations::{free_port, spawn_binary};
+
+    let redis_url = "redis://127.0.0.1:6379";
+    let openai = FakeOpenAi::start().await;
+    let topology = unique_topology();
+    let _cleanup = Cleanup(topology.clone());
+    let ports = [free_port(), free_port()];
+    let _replicas: Vec<_> = ports
+        .iter()
+        .map(|port| Replica(spawn_binary(&openai, &topology, *port, &[("RELAY_DEDUP_REDIS_URL", redis_url)])))
+        .collect();
+    let http = reqwest::Client::new();
+    for port in ports {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.map(|r| r.status().as_u16()).ok() != Some(200) {
+            assert!(std::time::Instant::now() < deadline, "replica on {port} never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let amqp = Amqp::connect().await;
+    let queue = amqp.bind(&topology.exchange, "#").await;
+
+    // OpenAI repeats deliveries; behind a load balancer the copies land on different replicas.
+    let secret = Secret::parse(&crate::helpers::secret_text()).unwrap();
+    let mut sent = HashMap::new();
+    let mut copies = Vec::new();
+    for n in 0..30 {
+        let body = if n % 2 == 0 { event("response.completed", "resp_completed01") } else { event("something.new", "x_1") };
+        let id = webhook_id();
+        sent.insert(id.clone(), body.clone());
+        for port in ports {
+            let (http, secret, id, body) = (http.clone(), secret.clone(), id.clone(), body.clone());
+            copies.push(tokio::spawn(async move {
+                let ts = unix_now().to_string();
+                let signature = secret.sign(&id, &ts, body.as_bytes());
+                http.post(format!("http://127.0.0.1:{port}/webhooks/openai"))
+                    .header("webhook-id", &id)
+                    .header("webhook-timestamp", ts)
+                    .header("webhook-signature", signature)
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }));
+        }
+    }
+    for copy in copies {
+        assert_eq!(copy.await.unwrap(), 200);
+    }
+
+    let mut published: HashMap<String, usize> = HashMap::new();
+    while let Some(delivery) = amqp.next(&queue, Duration::from_secs(3)).await {
+        *published.entry(header(&delivery.properties, "webhook-id").unwrap().to_owned()).or_default() += 1;
+    }
+    println!("redis dedup: sent={} copies={} published={} duplicates={}", sent.len(), sent.len() * 2, published.values().sum::<usize>(), published.values().sum::<usize>() - published.len());
+    assert_eq!(published.len(), sent.len(), "every event published");
+    assert!(published.values().all(|n| *n == 1), "each exactly once: {published:?}");
+    assert_eq!(amqp.count(&topology.inbox).await, 0, "both copies of each acked");
+
+    // Leave nothing behind in Redis.
+    let mut redis = redis::Client::open(redis_url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    for id in sent.keys() {
+        let _: () = redis::cmd("DEL").arg(format!("openai-webhook-relay:dedup:/{id}")).query_async(&mut redis).await.unwrap();
+    }
+}
+
+/// A relay process, killed when the test ends.
+struct Replica(std::process::Child);
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
