@@ -124,6 +124,20 @@ pub async fn spawn_relay_with(options: Options, openai: FakeOpenAi, topology: To
     relay
 }
 
+/// Waits until the relay at `base` (`http://host:port`) answers `/readyz` with 200.
+pub async fn wait_ready(base: &str) {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = http.get(format!("{base}/readyz")).send().await.map(|r| r.status().as_u16()).ok();
+        if ready == Some(200) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "relay at {base} not ready after 20 s ({ready:?}); is RabbitMQ running at {}?", amqp_url());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// An OpenAI-shaped event envelope.
 pub fn event(event_type: &str, object_id: &str) -> String {
     format!(
@@ -139,15 +153,7 @@ pub fn webhook_id() -> String {
 
 impl Relay {
     pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let ready = self.http.get(format!("{}/readyz", self.url)).send().await.map(|r| r.status().as_u16()).ok();
-            if ready == Some(200) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "relay not ready after 15 s ({ready:?}); is RabbitMQ running at {}?", amqp_url());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(&self.url).await;
     }
 
     pub fn sign(&self, id: &str, timestamp: i64, body: &str) -> String {

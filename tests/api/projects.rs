@@ -93,11 +93,7 @@ async fn duplicated_deliveries_to_two_replicas_are_published_once_with_redis() {
         .collect();
     let http = reqwest::Client::new();
     for port in ports {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.map(|r| r.status().as_u16()).ok() != Some(200) {
-            assert!(std::time::Instant::now() < deadline, "replica on {port} never became ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::helpers::wait_ready(&format!("http://127.0.0.1:{port}")).await;
     }
     let amqp = Amqp::connect().await;
     let queue = amqp.bind(&topology.exchange, "#").await;
