@@ -4,15 +4,15 @@
 //!
 //! ```sh
 //! cargo run --example consumer            # runs until Ctrl-C
-//! cargo run --example consumer -- 10      # stops after 10 events
+//! cargo run --example consumer -- 10      # stops after handling 10 distinct events
 //! ```
 //! Environment: `AMQP_URL`, `RELAY_EXCHANGE` (default `openai.events`), `CONSUMER_QUEUE`
-//! (default `example.responses`).
+//! (default `example.responses`). The messages are described in `docs/asyncapi.yaml`.
 
 use std::collections::HashSet;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 
@@ -37,22 +37,35 @@ async fn main() -> anyhow::Result<()> {
 
     // In production, keep seen ids where your results live (a unique key in your database).
     let mut seen = HashSet::new();
-    let mut handled = 0;
     while let Some(delivery) = deliveries.next().await {
         let delivery = delivery?;
-        let event: serde_json::Value = serde_json::from_slice(&delivery.data)?;
+        let Ok(event) = serde_json::from_slice::<serde_json::Value>(&delivery.data) else {
+            // Not a CloudEvent: requeueing would only bring it back. Dead-letter or drop it.
+            eprintln!("rejected a message that is not JSON");
+            delivery.reject(BasicRejectOptions { requeue: false }).await?;
+            continue;
+        };
         let id = event["id"].as_str().unwrap_or_default().to_owned();
         if seen.insert(id.clone()) {
-            let text = event["data"]["output_text"].as_str().unwrap_or("(no text)");
-            let status = event["data"]["response"]["status"].as_str().unwrap_or("(not fetched)");
-            println!("{} {} {} status={status} output_text={text:.60}", event["type"], event["subject"], id);
+            // Your work goes here. The event: `type`, `subject` (the response id), `source`
+            // (`openai/<project>` for a named project), and in `data` the full `response`
+            // with its `output_text`, or `fetch_error` when the response was gone.
+            let data = &event["data"];
+            let status = data["response"]["status"].as_str().unwrap_or("(not fetched)");
+            let text = data["output_text"].as_str().unwrap_or("(no text)");
+            println!("{} {} {id} status={status} output_text={text:.60}", str(&event["type"]), str(&event["subject"]));
+        } else {
+            println!("duplicate {id} skipped");
         }
         delivery.ack(BasicAckOptions::default()).await?;
-        handled += 1;
-        if limit.is_some_and(|limit| handled >= limit) {
+        if limit.is_some_and(|limit| seen.len() >= limit) {
             break;
         }
     }
     connection.close(200, "done".into()).await?;
     Ok(())
+}
+
+fn str(value: &serde_json::Value) -> &str {
+    value.as_str().unwrap_or("-")
 }

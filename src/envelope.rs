@@ -6,6 +6,7 @@
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 
 /// The fields of an event the relay acts on. Everything else rides along in the raw body.
 #[derive(Debug, Deserialize)]
@@ -14,16 +15,16 @@ pub struct Envelope {
     #[serde(rename = "type")]
     pub kind: String,
     pub created_at: i64,
-    #[serde(default)]
-    data: Option<EnvelopeData>,
+    /// Optional in OpenAI's SDK types; `"event"` when present.
+    object: Option<String>,
+    /// Thin: an object id, or for SIP calls a call/session id. An object when present (a
+    /// derived struct would also take a JSON array, hence the map).
+    #[serde(default, deserialize_with = "object_only")]
+    data: Option<Map<String, Value>>,
 }
 
-/// `data` is thin: an object id, or for SIP calls a call/session id.
-#[derive(Debug, Default, Deserialize)]
-struct EnvelopeData {
-    id: Option<String>,
-    call_id: Option<String>,
-    session_id: Option<String>,
+fn object_only<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Map<String, Value>>, D::Error> {
+    Map::deserialize(deserializer).map(Some)
 }
 
 /// Why a body is not an event envelope.
@@ -37,13 +38,19 @@ impl Envelope {
         if envelope.id.is_empty() || envelope.kind.is_empty() {
             return Err(EnvelopeError(serde::de::Error::custom("empty `id` or `type`")));
         }
+        if envelope.created_at < 0 {
+            return Err(EnvelopeError(serde::de::Error::custom("negative `created_at`")));
+        }
+        if envelope.object.as_deref().is_some_and(|o| o != "event") {
+            return Err(EnvelopeError(serde::de::Error::custom("`object` is not \"event\"")));
+        }
         Ok(envelope)
     }
 
     /// The id of the object the event is about: the CloudEvent `subject`.
     pub fn subject(&self) -> Option<&str> {
         let data = self.data.as_ref()?;
-        data.id.as_deref().or(data.call_id.as_deref()).or(data.session_id.as_deref())
+        ["id", "call_id", "session_id"].iter().find_map(|key| data.get(*key)?.as_str())
     }
 
     /// The API object to fetch for this event, if there is one we can fetch by id alone.
@@ -51,7 +58,7 @@ impl Envelope {
     /// the event does not carry.
     pub fn target(&self) -> Option<Target<'_>> {
         let kind = ObjectKind::for_event(&self.kind)?;
-        Some(Target { kind, id: self.data.as_ref()?.id.as_deref()? })
+        Some(Target { kind, id: self.data.as_ref()?.get("id")?.as_str()? })
     }
 }
 
@@ -142,7 +149,18 @@ mod tests {
 
     #[test]
     fn non_events_are_refused() {
-        for body in [&b"not json"[..], b"[]", br#"{"id":"evt_1"}"#, br#"{"id":"","type":"x","created_at":1}"#, br#"{"id":"e","type":"x","created_at":"soon"}"#] {
+        let bodies: [&[u8]; 9] = [
+            br#"{"id":"e","type":"x","created_at":-1}"#,
+            b"not json",
+            b"[]",
+            br#"{"id":"evt_1"}"#,
+            br#"{"id":"","type":"x","created_at":1}"#,
+            br#"{"id":"e","type":"x","created_at":"soon"}"#,
+            br#"{"id":"e","type":"x","created_at":1,"data":null}"#,
+            br#"{"id":"e","type":"x","created_at":1,"data":["a",null,null]}"#,
+            br#"{"id":"e","type":"x","created_at":1,"object":"weird"}"#,
+        ];
+        for body in bodies {
             assert!(Envelope::parse(body).is_err(), "{}", String::from_utf8_lossy(body));
         }
     }

@@ -47,16 +47,14 @@ impl EventPublisher {
         if let Some(tp) = traceparent {
             headers.insert(HEADER_TRACEPARENT.into(), AMQPValue::LongString(tp.into()));
         }
-        let mut properties = BasicProperties::default()
+        let properties = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
             .with_content_type(CONTENT_TYPE.into())
             .with_message_id(envelope.id.as_str().into())
             .with_type(envelope.kind.as_str().into())
+            // Never negative: the envelope parser refuses that.
+            .with_timestamp(envelope.created_at.unsigned_abs())
             .with_headers(headers);
-        // AMQP timestamps are unsigned; a (nonsensical) negative created_at is left out.
-        if let Ok(created_at) = u64::try_from(envelope.created_at) {
-            properties = properties.with_timestamp(created_at);
-        }
         let message = Outgoing { exchange: &self.exchange, routing_key: &envelope.kind, body: cloud_event, properties };
         let result = self.broker.publish(message, &self.metrics.publish_confirm_seconds).await;
         if matches!(result, Err(PublishError::Unroutable(_))) {

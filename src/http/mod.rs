@@ -16,7 +16,6 @@ use axum::routing::{get, post};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
 pub use serve::{ConnectionLimits, serve};
@@ -54,6 +53,5 @@ pub fn router(state: AppState, receiver: bool, request_timeout: Duration) -> Rou
     }
     router
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, request_timeout))
-        .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

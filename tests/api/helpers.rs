@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use lapin::message::Delivery;
-use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use openai_webhook_relay::inbox::unix_now;
@@ -14,6 +14,7 @@ use openai_webhook_relay::{App, Cli, Command};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::cleanup::Cleanup;
 use crate::fake_openai::{API_KEY, FakeOpenAi};
 
 pub fn amqp_url() -> String {
@@ -106,7 +107,7 @@ pub async fn spawn_relay_with(options: Options, openai: FakeOpenAi, topology: To
     let url = format!("http://{}", app.local_addr());
     let stop = CancellationToken::new();
     let task = tokio::spawn(app.run_until(stop.clone().cancelled_owned()));
-    let cleanup = Cleanup(topology.clone());
+    let cleanup = Cleanup::topology(&topology);
     let relay = Relay {
         url,
         topology,
@@ -251,27 +252,5 @@ impl Amqp {
     pub async fn count(&self, queue: &str) -> u32 {
         let options = QueueDeclareOptions { passive: true, ..Default::default() };
         self.channel.queue_declare(queue.into(), options, FieldTable::default()).await.unwrap().message_count()
-    }
-}
-
-/// Deletes a test's exchange and queues when dropped, even when the test panicked.
-pub struct Cleanup(pub Topology);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let topology = self.0.clone();
-        // Drop cannot await; a thread with its own runtime can.
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-                let Ok(connection) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else { return };
-                let Ok(channel) = connection.create_channel().await else { return };
-                for queue in topology.queues() {
-                    let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
-                }
-                let _ = channel.exchange_delete(topology.exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
-                let _ = connection.close(200, "test done".into()).await;
-            })
-        })
-        .join();
     }
 }

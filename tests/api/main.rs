@@ -3,6 +3,8 @@
 //! queues and deletes them when it ends, so tests run in parallel and leave nothing behind.
 //! A test that cannot reach RabbitMQ fails and says so: `.ci/run` starts the broker.
 
+#[path = "../support/cleanup.rs"]
+mod cleanup;
 mod fake_openai;
 mod helpers;
 mod receiver;
@@ -12,3 +14,5 @@ mod operations;
 mod proxy;
 mod cli;
 mod projects;
+mod schema;
+mod consumers;

@@ -169,7 +169,7 @@ async fn sigterm_lets_the_delivery_in_hand_finish_and_exits_0() {
 
     let openai = FakeOpenAi::start().await;
     let topology = unique_topology();
-    let _cleanup = Cleanup(topology.clone());
+    let _cleanup = Cleanup::topology(&topology);
     let port = free_port();
     let mut child = spawn_binary(&openai, &topology, port, &[]);
     let http = reqwest::Client::new();

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use openai_webhook_relay::inbox::{header, unix_now};
@@ -14,6 +14,7 @@ use openai_webhook_relay::topology::Topology;
 use openai_webhook_relay::verify::Secret;
 use tokio_util::sync::CancellationToken;
 
+use crate::cleanup::Cleanup;
 use crate::fake_openai::{API_KEY, FakeOpenAi};
 
 /// One fault test at a time: they close every broker connection or set policies.
@@ -34,6 +35,8 @@ pub struct Relay {
     pub observed: String,
     env: Vec<(String, String)>,
     child: Option<Child>,
+    /// Declared after `child`, so the process is gone before its queues are deleted.
+    _cleanup: Cleanup,
 }
 
 impl Relay {
@@ -58,7 +61,9 @@ impl Relay {
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let mut relay = Self { port, observed: format!("{tag}.observed"), topology, env, child: None };
+        let observed = format!("{tag}.observed");
+        let cleanup = Cleanup::topology(&topology).and_queue(&observed);
+        let mut relay = Self { port, observed, topology, env, child: None, _cleanup: cleanup };
         relay.spawn();
         relay.wait_ready().await;
         // A durable queue of the test's own, so that closing connections loses nothing of it.
@@ -110,20 +115,6 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.kill();
-        let mut queues = self.topology.queues();
-        queues.push(self.observed.clone());
-        let exchange = self.topology.exchange.clone();
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-                let (connection, channel) = connect().await;
-                for queue in queues {
-                    let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
-                }
-                let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
-                let _ = connection.close(200, "fault test done".into()).await;
-            })
-        })
-        .join();
     }
 }
 

@@ -14,6 +14,8 @@ mod fake_openai;
 #[path = "../api/proxy.rs"]
 mod proxy;
 
+#[path = "../support/cleanup.rs"]
+mod cleanup;
 mod harness;
 
 mod api_faults;
