@@ -34,7 +34,14 @@ pub struct EnvelopeError(#[from] serde_json::Error);
 
 impl Envelope {
     pub fn parse(body: &[u8]) -> Result<Self, EnvelopeError> {
-        let envelope: Self = serde_json::from_slice(body)?;
+        // serde_json skips the fields we do not read without checking their UTF-8, and a
+        // derived struct also accepts a JSON array of its fields: refuse both here, so that
+        // what the receiver accepts the worker can always embed.
+        let text = std::str::from_utf8(body).map_err(|_| EnvelopeError(serde::de::Error::custom("body is not UTF-8")))?;
+        if !text.trim_start().starts_with('{') {
+            return Err(EnvelopeError(serde::de::Error::custom("body is not a JSON object")));
+        }
+        let envelope: Self = serde_json::from_str(text)?;
         if envelope.id.is_empty() || envelope.kind.is_empty() {
             return Err(EnvelopeError(serde::de::Error::custom("empty `id` or `type`")));
         }
@@ -149,7 +156,9 @@ mod tests {
 
     #[test]
     fn non_events_are_refused() {
-        let bodies: [&[u8]; 9] = [
+        let bodies: [&[u8]; 11] = [
+            b"{\"id\":\"e\",\"type\":\"x\",\"created_at\":1,\"note\":\"caf\xE9\"}",
+            br#"["evt_1","response.completed",1,null]"#,
             br#"{"id":"e","type":"x","created_at":-1}"#,
             b"not json",
             b"[]",

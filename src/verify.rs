@@ -31,6 +31,9 @@ const SECRET_BASE64: GeneralPurpose = GeneralPurpose::new(
 /// one-byte key in an SDK. The spec asks for 24..=64 bytes; 16 leaves room for odd senders.
 const MIN_KEY_BYTES: usize = 16;
 
+/// Signatures tried per delivery; further ones are ignored.
+pub const MAX_SIGNATURES: usize = 16;
+
 /// One signing key. Its bytes never appear in `Debug` output or logs.
 #[derive(Clone)]
 pub struct Secret(Vec<u8>);
@@ -195,10 +198,13 @@ impl Verifier {
 
         // Entries we cannot decode, and other schemes (`v1a,` is asymmetric), are skipped so
         // that one odd entry cannot hide a valid one beside it.
+        // At most MAX_SIGNATURES are tried: each costs an HMAC per secret, and a sender
+        // signs with one key, two while it rotates.
         let candidates: Vec<Vec<u8>> = signature
             .split_ascii_whitespace()
             .filter_map(|entry| entry.strip_prefix("v1,"))
             .filter_map(|encoded| general_purpose::STANDARD.decode(encoded).ok())
+            .take(MAX_SIGNATURES)
             .collect();
         let matches = self.secrets.iter().any(|secret| {
             let mac = secret.mac(id, timestamp, &body);

@@ -12,7 +12,7 @@ pub use send::{SendArgs, send};
 pub use tail::{TailArgs, tail};
 
 /// The broker, as `serve` finds it.
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct BrokerArgs {
     /// RabbitMQ URL.
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]

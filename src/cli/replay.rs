@@ -13,7 +13,7 @@ use crate::topology::Topology;
 use crate::verify::HEADER_ID;
 use crate::worker::retry::{HEADER_DEAD_AT, HEADER_ERROR_MESSAGE, HEADER_ERROR_REASON, HEADER_ERROR_STATUS};
 
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct ReplayArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,

@@ -8,7 +8,7 @@ use clap::Args;
 use crate::inbox::unix_now;
 use crate::verify::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret};
 
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct SendArgs {
     /// Webhook URL of the relay.
     #[arg(long, default_value = "http://127.0.0.1:8080/webhooks/openai")]

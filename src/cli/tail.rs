@@ -9,7 +9,7 @@ use lapin::types::FieldTable;
 
 use super::BrokerArgs;
 
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct TailArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,

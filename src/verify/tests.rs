@@ -249,3 +249,12 @@ fn debug_output_never_shows_key_bytes() {
     assert!(shown.contains("[redacted]"));
     assert!(!shown.contains("69") && !shown.contains("Rdva"), "{shown}");
 }
+
+#[test]
+fn only_the_first_signatures_are_tried() {
+    let filler = vec!["v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="; MAX_SIGNATURES].join(" ");
+    let late = format!("{filler} {OPENAI_SIGNATURE}");
+    assert_eq!(openai(&late, OPENAI_PAYLOAD, OPENAI_TIMESTAMP).unwrap_err(), VerifyError::NoMatchingSignature);
+    let filler = vec!["v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="; MAX_SIGNATURES - 1].join(" ");
+    assert!(openai(&format!("{filler} {OPENAI_SIGNATURE}"), OPENAI_PAYLOAD, OPENAI_TIMESTAMP).is_ok());
+}

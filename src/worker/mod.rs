@@ -188,7 +188,11 @@ impl Worker {
         settings: &WorkerProject,
         webhook_id: &str,
     ) -> Disposition {
-        let raw_event = envelope::raw(&delivery.data).expect("parsed as an envelope just before");
+        let raw_event = match envelope::raw(&delivery.data) {
+            Ok(raw) => raw,
+            // `Envelope::parse` accepts only what `raw` accepts; this stays a dead letter, not a panic.
+            Err(e) => return Disposition::Dead(failure(None, "invalid_envelope", e.to_string(), None)),
+        };
         let fetched = match envelope.target() {
             None => None,
             Some(target) => match self.api.fetch(target, &settings.api_key).await {

@@ -13,6 +13,7 @@ mod worker;
 mod operations;
 mod proxy;
 mod cli;
+mod hostile;
 mod projects;
 mod schema;
 mod consumers;
