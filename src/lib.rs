@@ -8,7 +8,8 @@
 //! - [`verify`]: Standard Webhooks signature and timestamp checks → `Verified`.
 //! - [`envelope`]: the event envelope, and which object an event type points at.
 //! - [`inbox`]: stores a verified delivery in the durable inbox queue (then 200).
-//! - [`worker`]: consumes the inbox; retries and dead letters live in `worker::retry`.
+//! - [`worker`]: consumes the inbox; retries and dead letters live in `worker::retry`,
+//!   duplicate detection (memory or Redis) in `worker::dedup`.
 //! - [`fetch`]: gets the object from the OpenAI API.
 //! - [`normalize`]: builds the CloudEvent (pure).
 //! - [`publish`]: publishes it to the output topic exchange.
