@@ -33,7 +33,7 @@ pub async fn receive_project(
     respond(&state, Some(project), &headers, body).await
 }
 
-#[tracing::instrument(name = "receive", skip_all, fields(project = project.as_deref().unwrap_or("default"), webhook_id, event_id, event_type))]
+#[tracing::instrument(name = "receive", skip_all, fields(project = project.as_deref().unwrap_or("default"), webhook_id, event_id, event_type, object_id))]
 async fn respond(state: &AppState, project: Option<String>, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
     let result = handle(state, project, headers, body).await;
     let outcome = result.as_ref().map_or_else(ApiError::outcome, |_| "accepted");
@@ -68,6 +68,9 @@ async fn handle(
     let envelope = Envelope::parse(verified.body())?;
     span.record("event_id", envelope.id.as_str());
     span.record("event_type", envelope.kind.as_str());
+    if let Some(subject) = envelope.subject() {
+        span.record("object_id", subject);
+    }
 
     let traceparent = headers.get(HEADER_TRACEPARENT).and_then(|v| v.to_str().ok());
     state.inbox.store(&verified, project.as_deref(), traceparent).await?;
