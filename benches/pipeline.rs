@@ -1,22 +1,27 @@
 //! `cargo bench --bench pipeline`: the relay's throughput, latency, worker rate and memory
 //! against the real RabbitMQ, next to what the same machine does without the relay.
 //!
-//! Phases (each on fresh, uniquely named queues, all deleted at the end):
-//! 1. baseline: raw lapin publishes of the same signed bodies, persistent, mandatory, to a
-//!    quorum queue, C tasks each awaiting its own confirm (closed loop), then the same at a
-//!    fixed rate of half that (open loop);
-//! 2. ingest: the release binary as `--role receiver`, driven over keep-alive HTTP/1.1 by
-//!    the same generator: closed loop with C connections, then open loop at half the peak;
-//!    every 2xx must be in the inbox afterwards;
+//! Phases (on fresh, uniquely named queues and exchanges, all deleted at the end):
+//! 1. ingest: the release binary as `--role receiver`, driven over keep-alive HTTP/1.1 with
+//!    pre-signed deliveries. A ramp of short closed-loop steps (32 to 512 connections) finds
+//!    the concurrency C that saturates it; then a closed loop at C, and an open loop at a
+//!    fixed half of that peak. After each, every 2xx must be in the inbox, which is then
+//!    emptied so that each phase starts on an empty queue;
+//! 2. baseline: raw lapin publishes of the same bodies with the same properties, persistent,
+//!    mandatory, to a quorum queue, C tasks each awaiting its own confirm (closed loop), then
+//!    the same at half that rate (open loop);
 //! 3. worker: the release binary as `--role worker` draining a pre-filled inbox against a
-//!    fake OpenAI API that answers after 100 ms; counts the CloudEvents on the exchange.
+//!    fake OpenAI API (in this process) that answers after 100 ms; counts the CloudEvents
+//!    that reach the exchange.
 //!
 //! The last line printed is the machine-readable summary. The process fails when an
 //! accepted delivery is missing (`lost` > 0) or a phase cannot run.
 //!
-//! Settings (environment): AMQP_URL, BENCH_CONCURRENCY (64), BENCH_WARMUP_SECS (2),
-//! BENCH_SECS (10), BENCH_THREADS (2, the generator's runtime), BENCH_WORKER_EVENTS (3200),
-//! BENCH_FETCH_CONCURRENCY (32).
+//! Settings (environment): AMQP_URL; BENCH_CONCURRENCY (skip the ramp and use this C);
+//! BENCH_WARMUP_SECS (2); BENCH_SECS (10, each measured window); BENCH_THREADS (2, the
+//! generator's tokio runtime); BENCH_WORKER_EVENTS (3200); BENCH_FETCH_CONCURRENCY (32);
+//! BENCH_QUIET_WAIT_SECS (60: how long to wait for other processes to leave the CPU before
+//! starting anyway).
 
 #[path = "pipeline/load.rs"]
 mod load;
@@ -37,7 +42,7 @@ use base64::Engine;
 use futures::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
@@ -46,13 +51,14 @@ use openai_webhook_relay::topology::{Topology, table};
 use openai_webhook_relay::verify::Secret;
 
 use load::{Pool, PhaseResult, Sink};
-use procs::{CpuProbe, RelayProcess};
+use procs::{CpuProbe, RelayProcess, Usage};
 
 const FETCH_DELAY: Duration = Duration::from_millis(100);
 
 struct Settings {
     amqp_url: String,
-    concurrency: usize,
+    /// None: found by the ramp.
+    concurrency: Option<usize>,
     warmup: Duration,
     window: Duration,
     threads: usize,
@@ -68,7 +74,7 @@ impl Settings {
     fn from_env() -> Self {
         Self {
             amqp_url: std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-            concurrency: env_number("BENCH_CONCURRENCY", 64) as usize,
+            concurrency: std::env::var("BENCH_CONCURRENCY").ok().and_then(|v| v.parse().ok()),
             warmup: Duration::from_secs(env_number("BENCH_WARMUP_SECS", 2)),
             window: Duration::from_secs(env_number("BENCH_SECS", 10)),
             threads: env_number("BENCH_THREADS", 2) as usize,
@@ -109,6 +115,21 @@ async fn run(settings: Settings) -> Result<ExitCode, String> {
     let started = Instant::now();
     let binary = procs::build_relay()?;
     println!("relay binary built/checked in {:.1} s", started.elapsed().as_secs_f64());
+    // On a shared development machine, wait (a while) for builds and test runs to finish.
+    let probe = CpuProbe::new().with("broker", procs::broker_pids()).with("generator", vec![std::process::id().to_string()]);
+    let quiet_deadline = Instant::now() + Duration::from_secs(env_number("BENCH_QUIET_WAIT_SECS", 60));
+    loop {
+        let others = probe.others_now(Duration::from_secs(2)).await;
+        if others <= 0.15 {
+            break;
+        }
+        if Instant::now() >= quiet_deadline {
+            println!("WARNING: other processes keep {others:.2} cores busy (a build or a test run?); the figures will be low");
+            break;
+        }
+        println!("  other processes keep {others:.2} cores busy; waiting for the machine to be quiet");
+    }
+    drop(probe);
     let started = Instant::now();
     let control = Connection::connect(&settings.amqp_url, ConnectionProperties::default())
         .await
@@ -121,14 +142,21 @@ async fn run(settings: Settings) -> Result<ExitCode, String> {
         baseline: format!("{tag}.baseline"),
     };
     let result = phases(&settings, &binary, &channel, &names).await;
-    cleanup(&channel, &names).await;
     let _ = control.close(200, "bench done".into()).await;
+    cleanup(&settings.amqp_url, &names).await;
     let report = result?;
     println!("phases and clean-up took {:.0} s", started.elapsed().as_secs_f64());
     Ok(report.print(&settings))
 }
 
-async fn cleanup(channel: &Channel, names: &Names) {
+/// Deletes everything the run created, on a fresh connection (a failed phase may have
+/// closed the control channel).
+async fn cleanup(amqp_url: &str, names: &Names) {
+    let Ok(connection) = Connection::connect(amqp_url, ConnectionProperties::default()).await else {
+        eprintln!("clean-up: RabbitMQ unreachable; queues named {}.* may be left behind", names.ingest.inbox.trim_end_matches(".inbox"));
+        return;
+    };
+    let Ok(channel) = connection.create_channel().await else { return };
     let mut queues = names.ingest.queues();
     queues.extend(names.worker.queues());
     queues.push(names.baseline.clone());
@@ -138,20 +166,35 @@ async fn cleanup(channel: &Channel, names: &Names) {
     for exchange in [&names.ingest.exchange, &names.worker.exchange] {
         let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
     }
+    let _ = connection.close(200, "bench clean-up".into()).await;
+}
+
+/// One measured load phase, and what the queue held after it.
+struct Measured {
+    result: PhaseResult,
+    /// Open loop: the rate asked for.
+    rate_asked: Option<f64>,
+    stored: u64,
+}
+
+impl Measured {
+    fn lost(&self) -> u64 {
+        self.result.accepted.saturating_sub(self.stored)
+    }
 }
 
 struct Report {
     body_bytes: usize,
-    baseline_closed: PhaseResult,
-    baseline_open: PhaseResult,
-    baseline_rate_asked: f64,
-    ingest_closed: PhaseResult,
-    ingest_open: PhaseResult,
-    ingest_rate_asked: f64,
-    ingest_accepted: u64,
-    ingest_stored: u64,
-    baseline_accepted: u64,
-    baseline_stored: u64,
+    concurrency: usize,
+    concurrency_chosen: bool,
+    ramp: Vec<(usize, PhaseResult)>,
+    ramp_stored: u64,
+    ramp_lost: u64,
+    ramp_accepted: u64,
+    ingest_closed: Measured,
+    ingest_open: Measured,
+    baseline_closed: Measured,
+    baseline_open: Measured,
     reused: usize,
     receiver_rss_kib: u64,
     worker: WorkerResult,
@@ -166,7 +209,7 @@ struct WorkerResult {
     eps_from_ready: f64,
     rss_kib: u64,
     max_fetches_in_flight: u64,
-    cpu: Vec<(String, f64)>,
+    cpu: Vec<Usage>,
 }
 
 fn secret_text() -> String {
@@ -174,15 +217,17 @@ fn secret_text() -> String {
     format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key))
 }
 
-/// Enough pre-signed deliveries for a closed-loop phase at up to `max_rate` per second.
-fn closed_pool_size(settings: &Settings, max_rate: f64) -> usize {
-    (max_rate * (settings.warmup + settings.window).as_secs_f64()) as usize + 10 * settings.concurrency
+/// Enough pre-signed deliveries for a closed-loop run of `duration` at up to `max_rate`/s.
+fn closed_pool_size(duration: Duration, max_rate: f64, concurrency: usize) -> usize {
+    (max_rate * duration.as_secs_f64()) as usize + 10 * concurrency
 }
 
-fn build_pool(secret: &Secret, addr: SocketAddr, count: usize) -> Arc<Pool> {
+fn build_pool(secret: &Secret, addr: SocketAddr, count: usize, quiet: bool) -> Arc<Pool> {
     let started = Instant::now();
     let pool = Pool::build(secret, addr, count);
-    println!("  signed {count} deliveries ahead of the phase in {:.2} s (not timed)", started.elapsed().as_secs_f64());
+    if !quiet {
+        println!("  signed {count} deliveries ahead of the phase in {:.2} s (not timed)", started.elapsed().as_secs_f64());
+    }
     Arc::new(pool)
 }
 
@@ -211,6 +256,16 @@ async fn settled_depth(channel: &Channel, queue: &str, expected: u64) -> Result<
     }
 }
 
+/// Counts what `queue` holds, then empties it, so that the next phase starts on an empty
+/// queue (as a relay whose worker keeps up would see it) and is accounted for on its own.
+async fn count_and_purge(channel: &Channel, queue: &str, expected: u64) -> Result<u64, String> {
+    let stored = settled_depth(channel, queue, expected).await?;
+    channel.queue_purge(queue.into(), QueuePurgeOptions::default()).await.map_err(|e| format!("purging {queue}: {e}"))?;
+    // Let the broker finish truncating its log before the next timed phase.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(stored)
+}
+
 fn phase_summary(name: &str, result: &PhaseResult) {
     println!(
         "  {name}: {:.0}/s accepted in the window, p50 {:.2} ms, p99 {:.2} ms; whole phase: {} accepted, {} rejected, {} failed",
@@ -221,52 +276,23 @@ fn phase_summary(name: &str, result: &PhaseResult) {
         result.rejected,
         result.failed
     );
+    println!("    CPU used (cores): {}; waited for a CPU (ms/s): {}", result.cpu.iter().map(|u| format!("{} {:.2}", u.name, u.cores)).collect::<Vec<_>>().join(", "), cpu_waits(&result.cpu));
 }
+
+/// Concurrency steps of the ramp that finds where the relay saturates.
+const RAMP: [usize; 5] = [32, 64, 128, 256, 512];
 
 async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel, names: &Names) -> Result<Report, String> {
     let secret_text = secret_text();
     let secret = Secret::parse(&secret_text).map_err(|e| e.to_string())?;
     let broker = procs::broker_pids();
     let me = vec![std::process::id().to_string()];
-    let c = settings.concurrency;
     let mut reused = 0;
+    let (warmup, window) = (settings.warmup, settings.window);
 
-    // 1. Baseline: the broker alone, same bodies, same kind of queue, same generator.
+    // 1. Ingest: the relay as a receiver, driven over keep-alive HTTP/1.1.
     let phase_started = Instant::now();
-    println!("phase 1/3: baseline, raw lapin publishes to a quorum queue, {c} in flight");
-    let connection = Connection::connect(&settings.amqp_url, ConnectionProperties::default()).await.map_err(|e| e.to_string())?;
-    let publisher = connection.create_channel().await.map_err(|e| e.to_string())?;
-    publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
-    let quorum = table([("x-queue-type", AMQPValue::LongString("quorum".into()))]);
-    publisher
-        .queue_declare(names.baseline.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, quorum)
-        .await
-        .map_err(|e| e.to_string())?;
-    let sink = Sink::Amqp { channel: publisher.clone(), queue: names.baseline.as_str().into() };
-    let probe = CpuProbe::new().with("generator", me.clone()).with("broker", broker.clone());
-    let pool = build_pool(&secret, "127.0.0.1:9".parse().unwrap(), closed_pool_size(settings, 30_000.0));
-    let baseline_closed = load::closed_loop(&sink, pool.clone(), c, settings.warmup, settings.window, &probe).await.map_err(|e| e.to_string())?;
-    reused += pool.reused();
-    drop(pool);
-    phase_summary("closed loop", &baseline_closed);
-    let baseline_rate_asked = (baseline_closed.rate / 2.0).max(1.0);
-    let pool = build_pool(&secret, "127.0.0.1:9".parse().unwrap(), (baseline_rate_asked * 12.0) as usize + 1000);
-    let baseline_open = load::open_loop(&sink, pool.clone(), baseline_rate_asked, c, Duration::from_secs(1), settings.window, &probe)
-        .await
-        .map_err(|e| e.to_string())?;
-    reused += pool.reused();
-    drop(pool);
-    phase_summary(&format!("open loop at {baseline_rate_asked:.0}/s"), &baseline_open);
-    let baseline_accepted = baseline_closed.accepted + baseline_open.accepted;
-    let baseline_stored = settled_depth(control, &names.baseline, baseline_accepted).await?;
-    let _ = connection.close(200, "baseline done".into()).await;
-    let _ = control.queue_delete(names.baseline.as_str().into(), QueueDeleteOptions::default()).await;
-
-    println!("  (baseline phase took {:.1} s)", phase_started.elapsed().as_secs_f64());
-
-    // 2. Ingest: the relay as a receiver, driven over HTTP by the same generator.
-    let phase_started = Instant::now();
-    println!("phase 2/3: relay ingest (--role receiver), {c} keep-alive connections");
+    println!("phase 1/3: relay ingest (--role receiver)");
     let http = reqwest::Client::new();
     let addr = procs::free_port();
     let relay_env = |topology: &Topology| {
@@ -282,48 +308,105 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
     receiver.wait_ready(&http).await?;
     let sink = Sink::Http(addr);
     let probe = CpuProbe::new().with("relay", vec![receiver.pid().to_string()]).with("broker", broker.clone()).with("generator", me.clone());
-    let pool = build_pool(&secret, addr, closed_pool_size(settings, (baseline_closed.rate * 1.6).max(20_000.0)));
-    let ingest_closed = load::closed_loop(&sink, pool.clone(), c, settings.warmup, settings.window, &probe).await.map_err(|e| e.to_string())?;
+
+    // Concurrency: as given, or the smallest ramp step within 5 % of the best one.
+    let mut ramp = Vec::new();
+    let (mut ramp_stored, mut ramp_lost) = (0, 0);
+    let concurrency = match settings.concurrency {
+        Some(c) => c,
+        None => {
+            let (step_warmup, step_window) = (Duration::from_secs(1), Duration::from_secs(2));
+            for c in RAMP {
+                let pool = build_pool(&secret, addr, closed_pool_size(step_warmup + step_window, 40_000.0, c), true);
+                let result = load::closed_loop(&sink, pool.clone(), c, step_warmup, step_window, &probe).await.map_err(|e| e.to_string())?;
+                reused += pool.reused();
+                let stored = count_and_purge(control, &names.ingest.inbox, result.accepted).await?;
+                ramp_stored += stored;
+                ramp_lost += result.accepted.saturating_sub(stored);
+                println!("  ramp: {c:>3} connections → {:.0}/s (p50 {:.2} ms, p99 {:.2} ms)", result.rate, result.percentile_ms(50.0), result.percentile_ms(99.0));
+                ramp.push((c, result));
+            }
+            let best = ramp.iter().map(|(_, r)| r.rate).fold(0.0, f64::max);
+            ramp.iter().find(|(_, r)| r.rate >= 0.95 * best).map(|(c, _)| *c).unwrap_or(64)
+        }
+    };
+    let c = concurrency;
+    println!("  closed loop with {c} connections");
+    let pool = build_pool(&secret, addr, closed_pool_size(warmup + window, 40_000.0, c), false);
+    let result = load::closed_loop(&sink, pool.clone(), c, warmup, window, &probe).await.map_err(|e| e.to_string())?;
     reused += pool.reused();
     drop(pool);
-    phase_summary("closed loop", &ingest_closed);
-    let ingest_rate_asked = (ingest_closed.rate / 2.0).max(1.0);
-    let pool = build_pool(&secret, addr, (ingest_rate_asked * 12.0) as usize + 1000);
-    let ingest_open = load::open_loop(&sink, pool.clone(), ingest_rate_asked, c, Duration::from_secs(1), settings.window, &probe)
-        .await
-        .map_err(|e| e.to_string())?;
+    phase_summary("closed loop", &result);
+    let ramp_accepted: u64 = ramp.iter().map(|(_, r)| r.accepted).sum();
+    let stored = count_and_purge(control, &names.ingest.inbox, result.accepted).await?;
+    let ingest_closed = Measured { result, rate_asked: None, stored };
+    let rate = (ingest_closed.result.rate / 2.0).max(1.0);
+    let pool = build_pool(&secret, addr, (rate * 12.0) as usize + 1000, false);
+    let result = load::open_loop(&sink, pool.clone(), rate, c, Duration::from_secs(1), window, &probe).await.map_err(|e| e.to_string())?;
     reused += pool.reused();
     drop(pool);
-    phase_summary(&format!("open loop at {ingest_rate_asked:.0}/s"), &ingest_open);
-    let ingest_accepted = ingest_closed.accepted + ingest_open.accepted;
-    let ingest_stored = settled_depth(control, &names.ingest.inbox, ingest_accepted).await?;
+    phase_summary(&format!("open loop at {rate:.0}/s"), &result);
+    let stored = count_and_purge(control, &names.ingest.inbox, result.accepted).await?;
+    let ingest_open = Measured { result, rate_asked: Some(rate), stored };
     let receiver_rss_kib = receiver.peak_rss_kib().unwrap_or(0);
     let tail = receiver.log_tail();
     receiver.stop().await;
-    if ingest_closed.failed + ingest_open.failed + ingest_closed.rejected + ingest_open.rejected > 0 && !tail.is_empty() {
+    let not_accepted = [&ingest_closed.result, &ingest_open.result].iter().map(|r| r.rejected + r.failed).sum::<u64>();
+    if not_accepted > 0 && !tail.is_empty() {
         println!("  relay log (last lines):\n    {}", tail.join("\n    "));
     }
-
     println!("  (ingest phase took {:.1} s)", phase_started.elapsed().as_secs_f64());
+
+    // 2. Baseline: the broker alone, same bodies, same kind of queue, same generator design.
+    let phase_started = Instant::now();
+    println!("phase 2/3: baseline, raw lapin publishes to a quorum queue, {c} in flight");
+    let connection = Connection::connect(&settings.amqp_url, ConnectionProperties::default()).await.map_err(|e| e.to_string())?;
+    let publisher = connection.create_channel().await.map_err(|e| e.to_string())?;
+    publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
+    let quorum = table([("x-queue-type", AMQPValue::LongString("quorum".into()))]);
+    publisher
+        .queue_declare(names.baseline.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, quorum)
+        .await
+        .map_err(|e| e.to_string())?;
+    let sink = Sink::Amqp { channel: publisher.clone(), queue: names.baseline.as_str().into() };
+    let probe = CpuProbe::new().with("broker", broker.clone()).with("generator", me.clone());
+    let nowhere: SocketAddr = "127.0.0.1:9".parse().expect("address");
+    let pool = build_pool(&secret, nowhere, closed_pool_size(warmup + window, 40_000.0, c), false);
+    let result = load::closed_loop(&sink, pool.clone(), c, warmup, window, &probe).await.map_err(|e| e.to_string())?;
+    reused += pool.reused();
+    drop(pool);
+    phase_summary("closed loop", &result);
+    let stored = count_and_purge(control, &names.baseline, result.accepted).await?;
+    let baseline_closed = Measured { result, rate_asked: None, stored };
+    let rate = (baseline_closed.result.rate / 2.0).max(1.0);
+    let pool = build_pool(&secret, nowhere, (rate * 12.0) as usize + 1000, false);
+    let result = load::open_loop(&sink, pool.clone(), rate, c, Duration::from_secs(1), window, &probe).await.map_err(|e| e.to_string())?;
+    reused += pool.reused();
+    drop(pool);
+    phase_summary(&format!("open loop at {rate:.0}/s"), &result);
+    let stored = settled_depth(control, &names.baseline, result.accepted).await?;
+    let baseline_open = Measured { result, rate_asked: Some(rate), stored };
+    let _ = connection.close(200, "baseline done".into()).await;
+    let _ = control.queue_delete(names.baseline.as_str().into(), QueueDeleteOptions::default()).await;
+    println!("  (baseline phase took {:.1} s)", phase_started.elapsed().as_secs_f64());
 
     // 3. Worker: drain a pre-filled inbox against an API that answers after 100 ms.
     let phase_started = Instant::now();
     let worker = worker_phase(settings, binary, control, names, &secret, &relay_env(&names.worker), &broker, &http).await?;
-
     println!("  (worker phase took {:.1} s)", phase_started.elapsed().as_secs_f64());
 
     Ok(Report {
         body_bytes: Pool::build(&secret, addr, 1).body_len(),
-        baseline_closed,
-        baseline_open,
-        baseline_rate_asked,
+        concurrency,
+        concurrency_chosen: settings.concurrency.is_none(),
+        ramp_stored,
+        ramp_lost,
+        ramp_accepted,
+        ramp,
         ingest_closed,
         ingest_open,
-        ingest_rate_asked,
-        ingest_accepted,
-        ingest_stored,
-        baseline_accepted,
-        baseline_stored,
+        baseline_closed,
+        baseline_open,
         reused,
         receiver_rss_kib,
         worker,
@@ -480,11 +563,16 @@ async fn worker_phase(
         api.requests.load(Ordering::Relaxed),
         result.max_fetches_in_flight
     );
+    println!("    CPU used (cores) in the first 80 %: {}; waited for a CPU (ms/s): {}", result.cpu.iter().map(|u| format!("{} {:.2}", u.name, u.cores)).collect::<Vec<_>>().join(", "), cpu_waits(&result.cpu));
     Ok(result)
 }
 
-fn cpu_cell(cpu: &[(String, f64)], name: &str) -> String {
-    cpu.iter().find(|(n, _)| n == name).map_or_else(|| "–".to_owned(), |(_, cores)| format!("{cores:.2}"))
+fn cpu_cell(cpu: &[Usage], name: &str) -> String {
+    cpu.iter().find(|u| u.name == name).map_or_else(|| "–".to_owned(), |u| format!("{:.2}", u.cores))
+}
+
+fn cpu_waits(cpu: &[Usage]) -> String {
+    cpu.iter().filter(|u| u.name != "others").map(|u| format!("{} {:.0}", u.name, u.cpu_wait_ms_per_s)).collect::<Vec<_>>().join(", ")
 }
 
 fn mib(kib: u64) -> f64 {
@@ -494,17 +582,34 @@ fn mib(kib: u64) -> f64 {
 impl Report {
     /// Prints the table and the verdicts; the summary line comes last.
     fn print(&self, settings: &Settings) -> ExitCode {
-        let c = settings.concurrency;
+        let c = self.concurrency;
         let secs = settings.window.as_secs();
         let worker_bound = settings.fetch_concurrency as f64 / FETCH_DELAY.as_secs_f64();
+        let w = &self.worker;
         println!();
-        println!("Results ({} B signed event envelopes; closed loop {} s after {} s warm-up, open loop {} s after 1 s; CPU in cores during the window)", self.body_bytes, secs, settings.warmup.as_secs(), secs);
+        println!(
+            "Results: {} B signed event envelopes; closed loop {secs} s after {} s warm-up, open loop {secs} s after 1 s, each on an empty queue; CPU in cores during the window.",
+            self.body_bytes,
+            settings.warmup.as_secs()
+        );
+        if self.concurrency_chosen {
+            let steps: Vec<String> = self.ramp.iter().map(|(c, r)| format!("{c} → {:.0}/s", r.rate)).collect();
+            println!("Concurrency {c}: the smallest step within 5 % of the best in a ramp of 3 s steps ({}).", steps.join(", "));
+        } else {
+            println!("Concurrency {c}: set by BENCH_CONCURRENCY.");
+        }
+        println!("Relay, RabbitMQ and the load generator share this machine's CPU cores: every figure is for all three on one box.");
         println!();
-        println!("| phase | load | accepted/s | p50 ms | p99 ms | p99.9 ms | max ms | not accepted | relay CPU | broker CPU | generator CPU |");
-        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-        let row = |phase: &str, load: String, r: &PhaseResult| {
+        println!("| phase | load | accepted/s | p50 ms | p99 ms | p99.9 ms | max ms | not accepted | relay CPU | broker CPU | generator CPU | other CPU |");
+        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let row = |phase: &str, m: &Measured| {
+            let r = &m.result;
+            let load = match m.rate_asked {
+                None => format!("closed, {c} in flight"),
+                Some(rate) => format!("open, {rate:.0}/s"),
+            };
             println!(
-                "| {phase} | {load} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} |",
+                "| {phase} | {load} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
                 r.rate,
                 r.percentile_ms(50.0),
                 r.percentile_ms(99.0),
@@ -514,15 +619,15 @@ impl Report {
                 cpu_cell(&r.cpu, "relay"),
                 cpu_cell(&r.cpu, "broker"),
                 cpu_cell(&r.cpu, "generator"),
+                cpu_cell(&r.cpu, "others"),
             );
         };
-        row("baseline: lapin → quorum queue, confirms", format!("closed, {c} in flight"), &self.baseline_closed);
-        row("baseline: lapin → quorum queue, confirms", format!("open, {:.0}/s", self.baseline_rate_asked), &self.baseline_open);
-        row("relay ingest (receiver)", format!("closed, {c} connections"), &self.ingest_closed);
-        row("relay ingest (receiver)", format!("open, {:.0}/s (50 %)", self.ingest_rate_asked), &self.ingest_open);
-        let w = &self.worker;
+        row("relay ingest, HTTP → verify → quorum inbox", &self.ingest_closed);
+        row("relay ingest, HTTP → verify → quorum inbox", &self.ingest_open);
+        row("baseline, lapin → quorum queue", &self.baseline_closed);
+        row("baseline, lapin → quorum queue", &self.baseline_open);
         println!(
-            "| relay worker, fetch 100 ms | {} events, concurrency {} | {:.0} | – | – | – | – | {} | {} | {} | {} |",
+            "| relay worker, fetch answers after 100 ms | {} deliveries, RELAY_FETCH_CONCURRENCY={} | {:.0} | – | – | – | – | {} | {} | {} | {} | {} |",
             w.events,
             settings.fetch_concurrency,
             w.eps,
@@ -530,40 +635,58 @@ impl Report {
             cpu_cell(&w.cpu, "relay"),
             cpu_cell(&w.cpu, "broker"),
             cpu_cell(&w.cpu, "generator"),
+            cpu_cell(&w.cpu, "others"),
         );
         println!();
         println!(
-            "open-loop latency runs from each request's scheduled send time; the generator sent late by at most {:.2} ms at p99 (baseline {:.2} ms)",
-            self.ingest_open.send_lag_p99_us as f64 / 1000.0,
-            self.baseline_open.send_lag_p99_us as f64 / 1000.0
+            "Open-loop latency runs from each request's scheduled send time (no coordinated omission). Requests left late, because all {c} connections were waiting, by {:.2} ms at p99 and {:.2} ms at most (baseline {:.2} / {:.2} ms): a long one is a stall of the whole pipeline, e.g. RabbitMQ rolling over its quorum-queue write-ahead log.",
+            self.ingest_open.result.send_lag_p99_us as f64 / 1000.0,
+            self.ingest_open.result.send_lag_max_us as f64 / 1000.0,
+            self.baseline_open.result.send_lag_p99_us as f64 / 1000.0,
+            self.baseline_open.result.send_lag_max_us as f64 / 1000.0
         );
-        let ingest_lost = self.ingest_accepted.saturating_sub(self.ingest_stored);
+        let ingest_lost = self.ramp_lost + self.ingest_closed.lost() + self.ingest_open.lost();
         let worker_lost = (w.events - w.published) as u64;
         let lost = ingest_lost + worker_lost;
         println!(
-            "accounting: relay answered 2xx {} times, inbox holds {} (extra {}); baseline confirmed {}, queue held {}; worker published {} of {} distinct deliveries ({} duplicates), {} left in its inbox; pool ids reused: {}",
-            self.ingest_accepted,
-            self.ingest_stored,
-            self.ingest_stored.saturating_sub(self.ingest_accepted),
-            self.baseline_accepted,
-            self.baseline_stored,
+            "Accounting: relay 2xx / inbox depth: ramp {} / {}, closed {} / {}, open {} / {}; baseline confirms / queue depth: closed {} / {}, open {} / {}; worker published {} of {} deliveries ({} duplicates), {} left in its inbox; ids re-sent because a pool ran out: {}.",
+            self.ramp_accepted,
+            self.ramp_stored,
+            self.ingest_closed.result.accepted,
+            self.ingest_closed.stored,
+            self.ingest_open.result.accepted,
+            self.ingest_open.stored,
+            self.baseline_closed.result.accepted,
+            self.baseline_closed.stored,
+            self.baseline_open.result.accepted,
+            self.baseline_open.stored,
             w.published,
             w.events,
             w.duplicates,
             w.left_in_inbox,
             self.reused
         );
-        println!("peak RSS (VmHWM): receiver {:.1} MiB, worker {:.1} MiB", mib(self.receiver_rss_kib), mib(w.rss_kib));
+        let others = [&self.ingest_closed, &self.ingest_open, &self.baseline_closed, &self.baseline_open]
+            .iter()
+            .flat_map(|m| m.result.cpu.iter())
+            .chain(w.cpu.iter())
+            .filter(|u| u.name == "others")
+            .map(|u| u.cores)
+            .fold(0.0, f64::max);
+        if others > 0.15 {
+            println!("WARNING: other processes used up to {others:.2} cores during a measured window; this run is disturbed, repeat it on a quiet machine.");
+        }
+        println!("Peak RSS (VmHWM): receiver {:.1} MiB, worker {:.1} MiB.", mib(self.receiver_rss_kib), mib(w.rss_kib));
 
-        let ingest_rps = self.ingest_closed.rate;
-        let baseline_rps = self.baseline_closed.rate;
+        let ingest_rps = self.ingest_closed.result.rate;
+        let baseline_rps = self.baseline_closed.result.rate;
         let ratio = if baseline_rps > 0.0 { ingest_rps / baseline_rps } else { 0.0 };
-        let p50 = self.ingest_open.percentile_ms(50.0);
-        let p99 = self.ingest_open.percentile_ms(99.0);
+        let p50 = self.ingest_open.result.percentile_ms(50.0);
+        let p99 = self.ingest_open.result.percentile_ms(99.0);
         let rss_mb = mib(self.receiver_rss_kib.max(w.rss_kib));
         let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
         println!(
-            "targets: ratio {ratio:.3} >= 0.9 {}; p99 {p99:.2} ms <= 10 {}; worker {:.0} eps >= {:.0} (0.9 x {:.0}) {}; rss {rss_mb:.1} MiB <= 50 {}",
+            "Targets: ratio {ratio:.3} >= 0.9 {}; p99 {p99:.2} ms <= 10 {}; worker {:.0}/s >= {:.0} (0.9 x {:.0}) {}; RSS {rss_mb:.1} MiB <= 50 {}.",
             verdict(ratio >= 0.9),
             verdict(p99 <= 10.0),
             w.eps,
@@ -574,11 +697,8 @@ impl Report {
         );
         println!("lost={lost}");
         println!(
-            "ingest_rps={:.0} baseline_rps={:.0} ratio={ratio:.3} p50_ms={p50:.2} p99_ms={p99:.2} worker_eps={:.0} worker_bound_eps={:.0} rss_mb={:.0}",
-            ingest_rps,
-            baseline_rps,
+            "ingest_rps={ingest_rps:.0} baseline_rps={baseline_rps:.0} ratio={ratio:.3} p50_ms={p50:.2} p99_ms={p99:.2} worker_eps={:.0} worker_bound_eps={worker_bound:.0} rss_mb={:.0}",
             w.eps,
-            worker_bound,
             rss_mb.ceil()
         );
         if lost > 0 {

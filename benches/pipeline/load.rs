@@ -20,7 +20,7 @@ use openai_webhook_relay::verify::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::procs::CpuProbe;
+use crate::procs::{CpuProbe, Usage};
 
 /// One signed delivery, kept as the exact HTTP request bytes; the AMQP baseline publishes the
 /// same body with the same headers, sliced out of them.
@@ -306,8 +306,10 @@ pub struct PhaseResult {
     pub failed: u64,
     /// Open loop: how late the generator sent, at the 99th percentile (µs).
     pub send_lag_p99_us: u32,
+    /// Open loop: the longest such delay (µs), i.e. the longest stall of the whole pipeline.
+    pub send_lag_max_us: u32,
     /// Cores used during the window, per probed process.
-    pub cpu: Vec<(String, f64)>,
+    pub cpu: Vec<Usage>,
 }
 
 impl PhaseResult {
@@ -404,6 +406,7 @@ pub async fn closed_loop(
         rejected: tally.rejected.load(Ordering::Relaxed),
         failed: tally.failed.load(Ordering::Relaxed),
         send_lag_p99_us: 0,
+        send_lag_max_us: 0,
         cpu,
     })
 }
@@ -473,6 +476,7 @@ pub async fn open_loop(
         rejected: tally.rejected.load(Ordering::Relaxed),
         failed: tally.failed.load(Ordering::Relaxed),
         send_lag_p99_us: percentile(&lags, 99.0),
+        send_lag_max_us: lags.last().copied().unwrap_or(0),
         cpu,
     })
 }

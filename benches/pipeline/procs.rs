@@ -149,7 +149,27 @@ fn cpu_ticks(pid: &str) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
-/// PIDs of the RabbitMQ node (the Erlang VM) on this machine.
+/// Time the process's threads spent runnable but waiting for a CPU, in nanoseconds
+/// (second field of /proc/<pid>/task/<tid>/schedstat).
+fn run_delay_ns(pid: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Busy ticks of the whole machine (all CPUs, everything but idle and iowait).
+fn machine_busy_ticks() -> u64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return 0 };
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return 0 };
+    let fields: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    fields.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum()
+}
+
+/// PIDs of the RabbitMQ node (the Erlang VM started with `-s rabbit boot`) on this machine.
 pub fn broker_pids() -> Vec<String> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
     entries
@@ -157,6 +177,8 @@ pub fn broker_pids() -> Vec<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|name| name.bytes().all(|b| b.is_ascii_digit()))
         .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "beam.smp"))
+        // The node itself, not a `rabbitmqctl` run (also an Erlang VM).
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| cmdline.windows(11).any(|w| w == b"rabbit\0boot")))
         .collect()
 }
 
@@ -168,6 +190,14 @@ fn clock_ticks_per_second() -> f64 {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(100.0)
+}
+
+/// What one process used during a window.
+#[derive(Debug, Clone)]
+pub struct Usage {
+    pub name: String,
+    pub cores: f64,
+    pub cpu_wait_ms_per_s: f64,
 }
 
 /// Measures the CPU the named processes use over a time window.
@@ -186,22 +216,46 @@ impl CpuProbe {
         self
     }
 
-    fn sample(&self) -> Vec<u64> {
-        self.processes.iter().map(|(_, pids)| pids.iter().filter_map(|p| cpu_ticks(p)).sum()).collect()
+    fn sample(&self) -> Vec<(u64, u64)> {
+        let mut samples: Vec<(u64, u64)> = self
+            .processes
+            .iter()
+            .map(|(_, pids)| (pids.iter().filter_map(|p| cpu_ticks(p)).sum(), pids.iter().map(|p| run_delay_ns(p)).sum()))
+            .collect();
+        samples.push((machine_busy_ticks(), 0));
+        samples
     }
 
-    /// Cores used by each process between `from` and `until` (waits until then).
-    pub async fn measure_between(&self, from: Instant, until: Instant) -> Vec<(String, f64)> {
+    /// Per process between `from` and `until` (waits until then): cores used, and
+    /// milliseconds per second its threads waited for a CPU.
+    pub async fn measure_between(&self, from: Instant, until: Instant) -> Vec<Usage> {
         tokio::time::sleep_until(from.into()).await;
         let before = self.sample();
         let started = Instant::now();
         tokio::time::sleep_until(until.into()).await;
         let after = self.sample();
         let seconds = started.elapsed().as_secs_f64();
-        self.processes
+        let mut usage: Vec<Usage> = self
+            .processes
             .iter()
-            .zip(before.iter().zip(after))
-            .map(|((name, _), (b, a))| (name.clone(), (a - b) as f64 / self.ticks_per_second / seconds))
-            .collect()
+            .zip(before.iter().zip(&after))
+            .map(|((name, _), (b, a))| Usage {
+                name: name.clone(),
+                cores: a.0.saturating_sub(b.0) as f64 / self.ticks_per_second / seconds,
+                cpu_wait_ms_per_s: a.1.saturating_sub(b.1) as f64 / 1e6 / seconds,
+            })
+            .collect();
+        // Whatever else ran on the machine meanwhile (a build, another test run).
+        let machine = after.last().unwrap().0.saturating_sub(before.last().unwrap().0) as f64 / self.ticks_per_second / seconds;
+        let probed: f64 = usage.iter().map(|u| u.cores).sum();
+        usage.push(Usage { name: "others".into(), cores: (machine - probed).max(0.0), cpu_wait_ms_per_s: 0.0 });
+        usage
+    }
+
+    /// Cores busy with anything but the probed processes, over `duration` (a pre-flight check).
+    pub async fn others_now(&self, duration: Duration) -> f64 {
+        let now = Instant::now();
+        let usage = self.measure_between(now, now + duration).await;
+        usage.iter().find(|u| u.name == "others").map_or(0.0, |u| u.cores)
     }
 }
