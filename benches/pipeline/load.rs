@@ -247,11 +247,10 @@ impl Conn {
         stream.write_all(request).await?;
         self.buf.clear();
         loop {
-            if let Some(head) = parse_head(&self.buf)? {
-                if self.buf.len() >= head.total {
+            if let Some(head) = parse_head(&self.buf)?
+                && self.buf.len() >= head.total {
                     return Ok((head.status, head.close));
                 }
-            }
             if stream.read_buf(&mut self.buf).await? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }

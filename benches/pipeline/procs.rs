@@ -92,11 +92,10 @@ impl RelayProcess {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("relay exited during start-up ({status}); last log lines:\n{}", self.log_tail().join("\n")));
             }
-            if let Ok(response) = http.get(&url).send().await {
-                if response.status().is_success() {
+            if let Ok(response) = http.get(&url).send().await
+                && response.status().is_success() {
                     return Ok(());
                 }
-            }
             if Instant::now() > deadline {
                 return Err(format!("relay not ready after 20 s; last log lines:\n{}", self.log_tail().join("\n")));
             }

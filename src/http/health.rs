@@ -4,6 +4,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 
+use std::sync::Arc;
+
 use super::AppState;
 
 /// 200 while the process can answer at all.
@@ -13,7 +15,7 @@ pub async fn healthz() -> &'static str {
 
 /// 200 only while the broker link is up and the relay is not shutting down, so a load
 /// balancer stops sending before deliveries would be refused.
-pub async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+pub async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
     if state.draining.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
     } else if state.broker.is_ready() {
@@ -23,7 +25,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str)
     }
 }
 
-pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         state.metrics.render(),

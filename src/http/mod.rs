@@ -53,5 +53,6 @@ pub fn router(state: AppState, receiver: bool, request_timeout: Duration) -> Rou
     }
     router
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, request_timeout))
-        .with_state(state)
+        // One Arc, so that a request clones a pointer rather than every handle in the state.
+        .with_state(Arc::new(state))
 }

@@ -9,8 +9,9 @@ use axum::extract::{Path, State};
 use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use tracing::Span;
+
+use std::sync::Arc;
 
 use super::AppState;
 use super::error::ApiError;
@@ -19,13 +20,13 @@ use crate::inbox::{HEADER_TRACEPARENT, unix_now};
 use crate::metrics::{InFlight, label};
 
 /// `POST /webhooks/openai`: the default project.
-pub async fn receive(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn receive(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
     respond(&state, None, &headers, body).await
 }
 
 /// `POST /webhooks/openai/{project}`: a project named in `RELAY_PROJECTS`.
 pub async fn receive_project(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(project): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -49,7 +50,7 @@ async fn handle(
     project: Option<String>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Stored>, ApiError> {
     // Held until the answer is ready: bounds the requests waiting on the broker.
     let _permit = state.in_flight.clone().try_acquire_owned().map_err(|_| ApiError::Busy)?;
     let _gauge = InFlight::track(&state.metrics.requests_in_flight);
@@ -75,5 +76,12 @@ async fn handle(
     let traceparent = headers.get(HEADER_TRACEPARENT).and_then(|v| v.to_str().ok());
     state.inbox.store(&verified, project.as_deref(), traceparent).await?;
     tracing::info!("delivery stored in the inbox");
-    Ok(Json(json!({ "status": "stored", "webhook_id": verified.id() })))
+    Ok(Json(Stored { status: "stored", webhook_id: verified.id().to_owned() }))
+}
+
+/// The 200 body.
+#[derive(serde::Serialize)]
+pub struct Stored {
+    status: &'static str,
+    webhook_id: String,
 }
