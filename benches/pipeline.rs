@@ -23,6 +23,8 @@
 //! BENCH_QUIET_WAIT_SECS (60: how long to wait for other processes to leave the CPU before
 //! starting anyway).
 
+#[path = "../tests/support/deliveries.rs"]
+mod deliveries;
 #[path = "pipeline/load.rs"]
 mod load;
 #[path = "pipeline/procs.rs"]
@@ -495,8 +497,8 @@ async fn worker_phase(
             let prefill = prefill.clone();
             let timestamp = timestamp.clone();
             async move {
-                let id = load::webhook_id();
-                let body = load::envelope("response.completed", &format!("resp_bench{i:06}"));
+                let id = deliveries::webhook_id();
+                let body = deliveries::event("response.completed", &format!("resp_bench{i:06}"));
                 let properties = load::amqp_properties(&id, &timestamp, &secret.sign(&id, &timestamp, body.as_bytes()));
                 let confirm = prefill
                     .basic_publish("".into(), inbox.into(), BasicPublishOptions { mandatory: true, ..Default::default() }, body.as_bytes(), properties)

@@ -16,6 +16,8 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 use openai_webhook_relay::inbox::{PERSISTENT, unix_now};
+
+use crate::deliveries::{event, webhook_id};
 use openai_webhook_relay::verify::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -71,19 +73,6 @@ pub fn amqp_properties(id: &str, timestamp: &str, signature: &str) -> BasicPrope
         .with_headers(headers)
 }
 
-/// An OpenAI-shaped event envelope, as OpenAI sends it (about 140 bytes).
-pub fn envelope(event_type: &str, object_id: &str) -> String {
-    format!(
-        r#"{{"id":"evt_{:032x}","object":"event","created_at":{},"type":"{event_type}","data":{{"id":"{object_id}"}}}}"#,
-        fastrand::u128(..),
-        unix_now()
-    )
-}
-
-pub fn webhook_id() -> String {
-    format!("wh_{:032x}", fastrand::u128(..))
-}
-
 /// Deliveries signed before a timed phase starts; handed out in order, each once (a phase
 /// that outruns its pool wraps around, which re-sends an id and is reported).
 pub struct Pool {
@@ -97,7 +86,7 @@ impl Pool {
         let items = (0..count)
             .map(|_| {
                 let id = webhook_id();
-                let body = envelope("response.completed", &format!("resp_{:024x}", fastrand::u128(..) >> 32));
+                let body = event("response.completed", &format!("resp_{:024x}", fastrand::u128(..) >> 32));
                 let signature = secret.sign(&id, &timestamp, body.as_bytes());
                 let mut http = Vec::with_capacity(body.len() + 330);
                 let push = |http: &mut Vec<u8>, text: &str| {

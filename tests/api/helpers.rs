@@ -15,6 +15,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::cleanup::Cleanup;
+pub use crate::deliveries::{event, webhook_id};
 use crate::fake_openai::{API_KEY, FakeOpenAi};
 
 pub fn amqp_url() -> String {
@@ -137,19 +138,6 @@ pub async fn wait_ready(base: &str) {
         assert!(Instant::now() < deadline, "relay at {base} not ready after 20 s ({ready:?}); is RabbitMQ running at {}?", amqp_url());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// An OpenAI-shaped event envelope.
-pub fn event(event_type: &str, object_id: &str) -> String {
-    format!(
-        r#"{{"id":"evt_{:032x}","object":"event","created_at":{},"type":"{event_type}","data":{{"id":"{object_id}"}}}}"#,
-        fastrand::u128(..),
-        unix_now()
-    )
-}
-
-pub fn webhook_id() -> String {
-    format!("wh_{:032x}", fastrand::u128(..))
 }
 
 impl Relay {

@@ -5,6 +5,8 @@
 
 #[path = "../support/cleanup.rs"]
 mod cleanup;
+#[path = "../support/deliveries.rs"]
+mod deliveries;
 mod fake_openai;
 mod helpers;
 mod receiver;

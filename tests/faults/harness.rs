@@ -15,6 +15,7 @@ use openai_webhook_relay::verify::Secret;
 use tokio_util::sync::CancellationToken;
 
 use crate::cleanup::Cleanup;
+pub use crate::deliveries::event;
 use crate::fake_openai::{API_KEY, FakeOpenAi};
 
 /// One fault test at a time: they close every broker connection or set policies.
@@ -178,14 +179,6 @@ pub async fn load(url: String, senders: usize, stop: CancellationToken, make_eve
         task.await.unwrap();
     }
     Arc::try_unwrap(result).ok().unwrap().into_inner().unwrap()
-}
-
-pub fn event(event_type: &str, object_id: &str) -> String {
-    format!(
-        r#"{{"id":"evt_{:032x}","object":"event","created_at":{},"type":"{event_type}","data":{{"id":"{object_id}"}}}}"#,
-        fastrand::u128(..),
-        unix_now()
-    )
 }
 
 /// What came out: published event ids (with how often) and dead-lettered ones with reasons.

@@ -16,6 +16,8 @@ mod proxy;
 
 #[path = "../support/cleanup.rs"]
 mod cleanup;
+#[path = "../support/deliveries.rs"]
+mod deliveries;
 mod harness;
 
 mod api_faults;
