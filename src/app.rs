@@ -48,7 +48,7 @@ impl App {
         let args = &config.args;
         let metrics = Arc::new(Metrics::default());
         let topology = config.topology();
-        let broker = Broker::start(&args.amqp_url, topology.clone(), config.confirm_timeout(), metrics.clone())
+        let broker = Broker::start(&args.amqp_url, topology.clone(), args.role.works(), config.confirm_timeout(), metrics.clone())
             .map_err(|e| anyhow::anyhow!("AMQP_URL is unusable: {e}"))?;
         let draining = CancellationToken::new();
         let state = AppState {
@@ -69,7 +69,7 @@ impl App {
         // A request never outlives a confirm timeout by much; this bounds slow clients too.
         let request_timeout = config.confirm_timeout() + Duration::from_secs(10);
         let router = router(state, args.role.receives(), request_timeout);
-        let worker = if args.role.works() { Some(worker(&config, broker.clone(), metrics).await?) } else { None };
+        let worker = if args.role.works() { Some(worker(&config, broker.clone(), metrics)?) } else { None };
         let limits = ConnectionLimits {
             max_connections: args.max_connections,
             header_timeout: Duration::from_secs(args.header_timeout_secs),
@@ -143,20 +143,19 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// The worker role: an API client, the publisher, dedup (Redis when configured) and each
 /// project's key and CloudEvent source.
-async fn worker(config: &Config, broker: Broker, metrics: Arc<Metrics>) -> anyhow::Result<Worker> {
+fn worker(config: &Config, broker: Broker, metrics: Arc<Metrics>) -> anyhow::Result<Worker> {
     let args = &config.args;
     let topology = config.topology();
     let fetch_timeout = Duration::from_secs(args.fetch_timeout_secs);
-    let dedup = match &args.dedup_redis_url {
-        None => Dedup::Memory(Memory::new(Duration::from_secs(args.dedup_window_secs), args.dedup_capacity)),
+    let memory = Memory::new(Duration::from_secs(args.dedup_window_secs), args.dedup_capacity);
+    let dedup = match args.dedup_redis_url.clone() {
+        None => Dedup::memory(memory),
         Some(url) => {
             // A claim outlives the longest handling of one delivery, or a dead replica's
             // claim would hold its delivery back for good.
             let pending_ttl = fetch_timeout + config.confirm_timeout() * 3 + Duration::from_secs(30);
-            let shared = Shared::connect(url, Duration::from_secs(args.dedup_ttl_secs), pending_ttl)
-                .await
-                .context("RELAY_DEDUP_REDIS_URL: cannot reach Redis")?;
-            Dedup::Redis(shared)
+            let ttl = Duration::from_secs(args.dedup_ttl_secs);
+            Dedup::redis(memory, move || Shared::connect(url.clone(), ttl, pending_ttl), metrics.dedup_fallback.clone())
         }
     };
     let projects = config
@@ -181,5 +180,6 @@ async fn worker(config: &Config, broker: Broker, metrics: Arc<Metrics>) -> anyho
         },
         projects,
         concurrency: usize::from(args.fetch_concurrency),
+        max_message_bytes: args.max_message_bytes,
     })
 }

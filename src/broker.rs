@@ -6,7 +6,7 @@
 //! While there is no link, publishes fail at once (the receiver answers 503) and `/readyz`
 //! says 503. Consumers watch [`Broker::subscribe`] and re-attach to each new link.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::topology::Topology;
+use crate::topology::{Topology, migrate};
 
 /// Heartbeat asked for when `AMQP_URL` names none: a dead peer is noticed within ~2 of them.
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;
@@ -28,14 +28,26 @@ const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often a relay using a queue an older version declared checks whether it can now
+/// rebuild it.
+const OUTDATED_RECHECK: Duration = Duration::from_secs(60);
 
-/// A live connection with declared topology and a confirm-mode channel.
+/// A live connection with declared topology and a confirm-mode channel for publishing.
 #[derive(Clone)]
 pub struct Link {
     pub connection: Arc<Connection>,
-    channel: Channel,
+    publisher: Arc<Publisher>,
     /// Cancelled by whoever sees this link fail; the supervisor then replaces it.
     broken: CancellationToken,
+}
+
+/// The one publishing channel of a link, replaced on its own when the broker refuses a
+/// message or closes the channel: a consumer's full queue or an oversized message is that
+/// one publish's failure, not a reason to drop the connection and every consumer on it.
+struct Publisher {
+    channel: RwLock<Channel>,
+    /// One replacement at a time: a burst of nacks on one channel opens one new channel.
+    replacing: tokio::sync::Mutex<()>,
 }
 
 impl Link {
@@ -43,6 +55,33 @@ impl Link {
     pub fn report_broken(&self) {
         self.broken.cancel();
     }
+
+    fn channel(&self) -> Channel {
+        self.publisher.channel.read().expect("publisher lock").clone()
+    }
+
+    /// Replaces the publishing channel if it is still `failed`; reports the whole link
+    /// broken when the connection itself is gone or no channel can be opened.
+    async fn replace_channel(&self, failed: &Channel) {
+        let _one = self.publisher.replacing.lock().await;
+        if self.channel().id() != failed.id() {
+            return; // another publish already replaced it
+        }
+        let _ = failed.close(200, "replacing the publishing channel".into()).await;
+        match open_publisher(&self.connection).await {
+            Ok(channel) => *self.publisher.channel.write().expect("publisher lock") = channel,
+            Err(error) => {
+                tracing::warn!(%error, "cannot open a new publishing channel; reconnecting");
+                self.report_broken();
+            }
+        }
+    }
+}
+
+async fn open_publisher(connection: &Connection) -> lapin::Result<Channel> {
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(channel)
 }
 
 /// Why a publish did not end in a confirmed, routed message.
@@ -82,6 +121,7 @@ impl Broker {
     pub fn start(
         url: &str,
         topology: Topology,
+        consumes_inbox: bool,
         confirm_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
@@ -89,7 +129,7 @@ impl Broker {
         uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
         let (tx, rx) = watch::channel(None);
         let closing = CancellationToken::new();
-        let task = tokio::spawn(supervise(uri, topology, tx, metrics, closing.clone()));
+        let task = tokio::spawn(supervise(Target { uri, topology, consumes_inbox }, tx, metrics, closing.clone()));
         Ok(Self {
             link: rx,
             confirm_timeout,
@@ -113,15 +153,17 @@ impl Broker {
 
     /// Publishes with `mandatory` and waits for the broker's confirm, at most
     /// `confirm_timeout` for the whole exchange. `Ok` means the message is stored in at least
-    /// one queue. Channel errors mark the link broken; a timeout does not, because a broker
-    /// under a resource alarm blocks publishers without any error and a new connection
-    /// would be blocked as well.
+    /// one queue. A nack or a channel error replaces the publishing channel (seen on RabbitMQ
+    /// 3.10: once a quorum queue rejects a publish, the channel keeps getting nacks even after
+    /// the queue has room again); a lost connection reports the link broken. A timeout does
+    /// neither, because a broker under a resource alarm blocks publishers without any error
+    /// and a new channel would be blocked as well.
     pub async fn publish(&self, message: Outgoing<'_>, latency: &Histogram) -> Result<(), PublishError> {
         let link = self.link().ok_or(PublishError::NotConnected)?;
+        let channel = link.channel();
         let started = Instant::now();
         let attempt = async {
-            let confirm = link
-                .channel
+            let confirm = channel
                 .basic_publish(
                     message.exchange.into(),
                     message.routing_key.into(),
@@ -135,7 +177,11 @@ impl Broker {
         let confirmation = match tokio::time::timeout(self.confirm_timeout, attempt).await {
             Err(_) => return Err(PublishError::Timeout(self.confirm_timeout)),
             Ok(Err(e)) => {
-                link.report_broken();
+                if link.connection.status().connected() {
+                    link.replace_channel(&channel).await;
+                } else {
+                    link.report_broken();
+                }
                 return Err(PublishError::Channel(e));
             }
             Ok(Ok(confirmation)) => confirmation,
@@ -145,10 +191,7 @@ impl Broker {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(message.routing_key.to_owned())),
             Confirmation::Nack(_) | Confirmation::NotRequested => {
-                // Seen on RabbitMQ 3.10: once a quorum queue rejects a publish (overflow
-                // `reject-publish`), the channel keeps getting nacks even after the queue has
-                // room again; only a new channel recovers. So a nack replaces the link.
-                link.report_broken();
+                link.replace_channel(&channel).await;
                 Err(PublishError::Nacked)
             }
         }
@@ -164,22 +207,22 @@ impl Broker {
     }
 }
 
-async fn supervise(
+/// What the supervisor needs to (re)connect.
+struct Target {
     uri: AMQPUri,
     topology: Topology,
-    state: watch::Sender<Option<Link>>,
-    metrics: Arc<Metrics>,
-    closing: CancellationToken,
-) {
+    /// This process consumes the inbox (the worker role): one inbox consumer is its own.
+    consumes_inbox: bool,
+}
+
+async fn supervise(target: Target, state: watch::Sender<Option<Link>>, metrics: Arc<Metrics>, closing: CancellationToken) {
     let mut backoff = BACKOFF_START;
     while !closing.is_cancelled() {
         let connected = tokio::select! {
-            connected = tokio::time::timeout(CONNECT_TIMEOUT, connect(&uri, &topology)) => {
-                connected.unwrap_or_else(|_| Err(lapin::ErrorKind::IOError(std::sync::Arc::new(std::io::ErrorKind::TimedOut.into())).into()))
-            }
+            connected = connect(&target) => connected,
             () = closing.cancelled() => break,
         };
-        let (link, mut events) = match connected {
+        let (link, mut events, declared) = match connected {
             Ok(connected) => connected,
             Err(error) => {
                 tracing::warn!(%error, retry_in = ?backoff, "broker connection failed");
@@ -193,25 +236,42 @@ async fn supervise(
             }
         };
         backoff = BACKOFF_START;
-        tracing::info!("broker connected, topology declared");
+        let outdated = declared.outdated;
+        tracing::info!(migrated_messages = declared.moved, ?outdated, "broker connected, topology declared");
+        metrics.migrated_messages.inc_by(declared.moved);
+        metrics.queues_outdated.set(outdated.len() as i64);
         metrics.broker_connects.inc();
         metrics.broker_connected.set(1);
         state.send_replace(Some(link.clone()));
 
         let mut poll = tokio::time::interval(Duration::from_millis(500));
+        let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + OUTDATED_RECHECK, OUTDATED_RECHECK);
         let reason = loop {
             tokio::select! {
                 event = events.next() => match event {
+                    // lapin reports channel-level refusals here too (a 404 of a passive
+                    // declare, a consumer's or the publisher's channel closed by the
+                    // broker): those channels are replaced by their owners.
+                    Some(Event::Error(error)) if migrate::soft_code(&error).is_some() && link.connection.status().connected() => {
+                        tracing::debug!(%error, "a channel was closed by the broker");
+                    }
                     Some(Event::Error(error)) => break format!("connection error: {error}"),
                     Some(Event::ConnectionBlocked(why)) => tracing::warn!(reason = %why, "broker blocked publishing"),
                     Some(Event::ConnectionUnblocked) => tracing::info!("broker unblocked publishing"),
                     Some(_) => {}
                     None => break "connection event stream ended".to_owned(),
                 },
-                () = link.broken.cancelled() => break "a publish failed on the channel".to_owned(),
+                () = link.broken.cancelled() => break "the publishing channel could not be replaced".to_owned(),
                 _ = poll.tick() => {
-                    if !link.connection.status().connected() || !link.channel.status().connected() {
-                        break "connection or channel closed".to_owned();
+                    if !link.connection.status().connected() {
+                        break "connection closed".to_owned();
+                    }
+                }
+                _ = recheck.tick(), if !outdated.is_empty() => {
+                    // An outdated queue is rebuilt at connect time once nobody else consumes
+                    // it: reconnect when that looks like the case.
+                    if migrate::unused_by_others(&link.connection, &outdated, &target.topology.inbox, target.consumes_inbox).await {
+                        break "rebuilding queues declared by an older version".to_owned();
                     }
                 }
                 () = closing.cancelled() => break "shutting down".to_owned(),
@@ -231,20 +291,22 @@ async fn supervise(
 
 type EventStream = std::pin::Pin<Box<dyn futures::Stream<Item = Event> + Send>>;
 
-async fn connect(
-    uri: &AMQPUri,
-    topology: &Topology,
-) -> lapin::Result<(Link, EventStream)> {
+/// Connects, declares (and migrates) the topology, opens the publishing channel. Only the
+/// connection is under [`CONNECT_TIMEOUT`]: moving a large backlog left by an older version
+/// takes as long as it takes (each batch has its own timeout, and heartbeats catch a dead
+/// broker).
+async fn connect(target: &Target) -> lapin::Result<(Link, EventStream, migrate::Declared)> {
     let properties = ConnectionProperties::default().with_connection_name("openai-webhook-relay".into());
-    let connection = Connection::connect_uri(uri.clone(), properties).await?;
+    let connection = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(target.uri.clone(), properties))
+        .await
+        .unwrap_or_else(|_| Err(lapin::ErrorKind::IOError(Arc::new(std::io::ErrorKind::TimedOut.into())).into()))?;
     let events: EventStream = Box::pin(connection.events_listener());
-    let channel = connection.create_channel().await?;
-    topology.declare(&channel).await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let declared = migrate::declare(&connection, &target.topology).await?;
+    let channel = open_publisher(&connection).await?;
     let link = Link {
         connection: Arc::new(connection),
-        channel,
+        publisher: Arc::new(Publisher { channel: RwLock::new(channel), replacing: tokio::sync::Mutex::new(()) }),
         broken: CancellationToken::new(),
     };
-    Ok((link, events))
+    Ok((link, events, declared))
 }

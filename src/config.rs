@@ -122,8 +122,12 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_FETCH_TIMEOUT_SECS", default_value_t = 30)]
     pub fetch_timeout_secs: u64,
     /// Largest fetched object in bytes; larger ones are dead-lettered.
-    #[arg(long, env = "RELAY_MAX_OBJECT_BYTES", default_value_t = 32 * 1024 * 1024)]
+    #[arg(long, env = "RELAY_MAX_OBJECT_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub max_object_bytes: usize,
+    /// Largest message the broker takes (its `max_message_size`; 16 MiB by default since
+    /// RabbitMQ 4.0). A CloudEvent over it is dead-lettered as `too_large` instead of sent.
+    #[arg(long, env = "RELAY_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_message_bytes: usize,
     /// Further OpenAI projects, comma-separated names; each needs OPENAI_WEBHOOK_SECRET_<NAME>
     /// and OPENAI_API_KEY_<NAME> (upper-cased, `-` as `_`) and receives at /webhooks/openai/<name>.
     #[arg(long, env = "RELAY_PROJECTS")]

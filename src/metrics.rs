@@ -55,6 +55,17 @@ pub struct Metrics {
     pub unroutable: Counter,
     /// Inbox messages skipped because the same `webhook-id` was already handled.
     pub duplicates: Counter,
+    /// Acks and nacks of inbox messages that did not reach the broker (channel gone), by
+    /// operation: the message is redelivered, a duplicate at worst.
+    pub settle_failures: Family<Labels, Counter>,
+    /// Deliveries whose handling panicked; each was dead-lettered with the panic message.
+    pub panics: Counter,
+    /// Queues in use under the arguments of an older version (not yet rebuilt).
+    pub queues_outdated: Gauge,
+    /// Messages moved out of queues an older version left.
+    pub migrated_messages: Counter,
+    /// 1 while Redis is configured for dedup but unreachable, so dedup is per process.
+    pub dedup_fallback: Gauge,
 }
 
 impl Default for Metrics {
@@ -76,6 +87,11 @@ impl Default for Metrics {
             dead_letters: Family::default(),
             unroutable: Counter::default(),
             duplicates: Counter::default(),
+            settle_failures: Family::default(),
+            panics: Counter::default(),
+            queues_outdated: Gauge::default(),
+            migrated_messages: Counter::default(),
+            dedup_fallback: Gauge::default(),
         };
         let r = &mut m.registry;
         r.register("deliveries", "Webhook deliveries by outcome", m.deliveries.clone());
@@ -93,6 +109,11 @@ impl Default for Metrics {
         r.register("dead_letters", "Deliveries dead-lettered by reason", m.dead_letters.clone());
         r.register("unroutable", "CloudEvents returned as unroutable", m.unroutable.clone());
         r.register("duplicates", "Duplicate deliveries skipped", m.duplicates.clone());
+        r.register("settle_failures", "Inbox acks or nacks that did not reach the broker, by operation", m.settle_failures.clone());
+        r.register("worker_panics", "Deliveries whose handling panicked (dead-lettered)", m.panics.clone());
+        r.register("queues_outdated", "Queues in use under an older version's arguments", m.queues_outdated.clone());
+        r.register("migrated_messages", "Messages moved out of queues an older version left", m.migrated_messages.clone());
+        r.register("dedup_fallback", "1 while configured Redis dedup is unreachable and dedup is per process", m.dedup_fallback.clone());
         m
     }
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use openai_webhook_relay::topology::Topology;
+use openai_webhook_relay::topology::{Arg, Topology};
 use serde::Deserialize;
 use serde_json::json;
 use serde_norway::Value as Yaml;
@@ -399,19 +399,24 @@ fn definitions_json_declares_exactly_the_relays_default_topology() {
     assert!(definitions.get("users").is_none_or(|u| u.as_array().is_some_and(Vec::is_empty)), "no users in the topology file");
     assert_eq!(definitions["bindings"], json!([]));
 
-    // What `Topology::declare` passes for each kind of queue: a redeclare with other
-    // arguments would fail with PRECONDITION_FAILED.
+    // What the relay declares for each queue: a redeclare with other arguments would fail
+    // with PRECONDITION_FAILED.
     let expected: BTreeMap<String, serde_json::Value> = topology
-        .queues()
+        .queue_specs()
         .into_iter()
-        .map(|name| {
-            let arguments = if name == topology.inbox || name == topology.dead() {
-                json!({"x-queue-type": "quorum"})
-            } else {
-                assert!(name.starts_with(&format!("{}.retry.", topology.inbox)), "unexpected queue kind: {name}");
-                json!({"x-dead-letter-exchange": "", "x-dead-letter-routing-key": topology.inbox})
-            };
-            (name, arguments)
+        .map(|spec| {
+            let arguments: serde_json::Map<String, serde_json::Value> = spec
+                .arguments
+                .iter()
+                .map(|(key, value)| {
+                    let value = match value {
+                        Arg::Str(s) => json!(s),
+                        Arg::Int(n) => json!(n),
+                    };
+                    ((*key).to_owned(), value)
+                })
+                .collect();
+            (spec.name, serde_json::Value::Object(arguments))
         })
         .collect();
     let queues = definitions["queues"].as_array().expect("queues");

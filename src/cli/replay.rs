@@ -23,7 +23,8 @@ pub struct ReplayArgs {
     /// Move at most this many.
     #[arg(long)]
     pub limit: Option<u32>,
-    /// List what would be moved; move nothing.
+    /// List what would be moved; move nothing (each listed dead letter goes back to the end
+    /// of the queue as it was, so listing neither counts as a delivery nor reorders).
     #[arg(long)]
     pub dry_run: bool,
 }
@@ -42,34 +43,39 @@ pub async fn replay_dead(args: ReplayArgs) -> anyhow::Result<()> {
         .message_count();
     let todo = args.limit.map_or(waiting, |limit| limit.min(waiting));
     let mut moved = 0;
-    // Each message stays unacked until its copy is confirmed in the inbox. In a dry run none
-    // is acked, and closing the channel puts them all back in order.
-    for _ in 0..todo {
+    // Each message stays unacked until its copy is confirmed in the inbox (or, in a dry
+    // run, at the back of the dead-letter queue). A dry run must not hand the messages back
+    // unacked: every return counts towards a quorum queue's delivery limit. Copying each to
+    // the back keeps their order when nothing else dead-letters meanwhile (a dead letter
+    // that arrives during a dry run ends up before the listed ones). So a dry run goes once
+    // round the whole queue, listing the first `todo`.
+    let rounds = if args.dry_run { waiting } else { todo };
+    for round in 0..rounds {
         let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false }).await? else { break };
         let delivery = message.delivery;
         let p = &delivery.properties;
-        println!(
-            "{} webhook-id={} reason={} status={} attempts={} message={:?}",
-            if args.dry_run { "would replay" } else { "replaying" },
-            header(p, HEADER_ID).unwrap_or("?"),
-            header(p, HEADER_ERROR_REASON).unwrap_or("?"),
-            int_header(p, HEADER_ERROR_STATUS).unwrap_or(0),
-            int_header(p, HEADER_ATTEMPTS).unwrap_or(0),
-            header(p, HEADER_ERROR_MESSAGE).unwrap_or(""),
-        );
-        if args.dry_run {
-            moved += 1;
-            continue;
+        let listed = round < todo;
+        if listed {
+            println!(
+                "{} webhook-id={} reason={} status={} attempts={} message={:?}",
+                if args.dry_run { "would replay" } else { "replaying" },
+                header(p, HEADER_ID).unwrap_or("?"),
+                header(p, HEADER_ERROR_REASON).or_else(|| header(p, HEADER_FIRST_DEATH_REASON)).unwrap_or("?"),
+                int_header(p, HEADER_ERROR_STATUS).unwrap_or(0),
+                int_header(p, HEADER_ATTEMPTS).unwrap_or(0),
+                header(p, HEADER_ERROR_MESSAGE).unwrap_or(""),
+            );
         }
+        let (to, properties) = if args.dry_run { (&dead, without(p, &[HEADER_DELIVERY_COUNT])) } else { (&args.inbox_queue, fresh(p)) };
         let confirmation = channel
-            .basic_publish("".into(), args.inbox_queue.as_str().into(), BasicPublishOptions { mandatory: true, ..Default::default() }, &delivery.data, fresh(p))
+            .basic_publish("".into(), to.as_str().into(), BasicPublishOptions { mandatory: true, ..Default::default() }, &delivery.data, properties)
             .await?
             .await?;
         if !confirmation.is_ack() || confirmation.take_message().is_some() {
-            bail!("the inbox refused a replayed message; it stays in {dead}");
+            bail!("{to} refused a copy of a dead letter; the dead letter stays in {dead}");
         }
         delivery.acker.ack(BasicAckOptions::default()).await?;
-        moved += 1;
+        moved += u32::from(listed);
     }
     connection.close(200, "replay done".into()).await?;
     let verb = if args.dry_run { "would move" } else { "moved" };
@@ -77,14 +83,34 @@ pub async fn replay_dead(args: ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The dead letter's properties without the relay's bookkeeping headers, so the replayed
-/// delivery starts again at attempt 1.
+/// Set by RabbitMQ on a quorum queue message handed out before.
+const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
+/// Set by RabbitMQ when it dead-letters a message (here: over the inbox's delivery limit).
+const HEADER_DEATHS: &str = "x-death";
+const HEADER_FIRST_DEATH_REASON: &str = "x-first-death-reason";
+
+/// The dead letter's properties without the relay's and the broker's bookkeeping headers,
+/// so the replayed delivery starts again at attempt 1.
 fn fresh(properties: &BasicProperties) -> BasicProperties {
+    without(properties, &[
+        HEADER_ATTEMPTS,
+        HEADER_ERROR_STATUS,
+        HEADER_ERROR_REASON,
+        HEADER_ERROR_MESSAGE,
+        HEADER_DEAD_AT,
+        HEADER_DEATHS,
+        HEADER_FIRST_DEATH_REASON,
+        "x-first-death-queue",
+        "x-first-death-exchange",
+        HEADER_DELIVERY_COUNT,
+    ])
+}
+
+fn without(properties: &BasicProperties, names: &[&str]) -> BasicProperties {
     let mut headers = FieldTable::default();
-    let relay_headers = [HEADER_ATTEMPTS, HEADER_ERROR_STATUS, HEADER_ERROR_REASON, HEADER_ERROR_MESSAGE, HEADER_DEAD_AT];
     if let Some(old) = properties.headers() {
         for (name, value) in old.inner() {
-            if !relay_headers.contains(&name.as_str()) && name.as_str() != "x-death" {
+            if !names.contains(&name.as_str()) {
                 headers.insert(name.clone(), value.clone());
             }
         }

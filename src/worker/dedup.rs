@@ -7,9 +7,10 @@
 //! still see a repeat (delivery is at-least-once) and deduplicate by the CloudEvent `id`.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::gauge::Gauge;
 use redis::aio::ConnectionManager;
 
 /// What a claim on an id found.
@@ -19,18 +20,73 @@ pub enum Claim {
     Fresh,
     /// Already published: skip it.
     Duplicate,
-    /// Another replica is handling it right now: try again later (if that replica dies,
-    /// its claim expires and ours goes through).
+    /// Another task or replica is handling it right now: try again later (if that replica
+    /// dies, its claim expires and ours goes through).
     Busy,
 }
 
-pub enum Dedup {
-    Memory(Memory),
-    Redis(Shared),
+/// Where claims go: in-process memory, or Redis once it answers. A relay configured with a
+/// Redis that is down at start runs on memory meanwhile (a duplicate across replicas at
+/// worst, never a refusal to start) and switches when Redis connects.
+pub struct Dedup {
+    memory: Memory,
+    shared: Arc<OnceLock<Shared>>,
+}
+
+/// The store one delivery's claim lives in, fixed for the whole delivery so that its
+/// `complete` or `release` reaches the store that holds its claim.
+#[derive(Clone, Copy)]
+pub enum Store<'a> {
+    Memory(&'a Memory),
+    Redis(&'a Shared),
 }
 
 impl Dedup {
-    pub async fn claim(&self, key: &str) -> Claim {
+    pub fn memory(memory: Memory) -> Self {
+        Self { memory, shared: Arc::default() }
+    }
+
+    /// Memory at first, Redis as soon as `connect` succeeds; tried again every
+    /// [`REDIS_RETRY`] until it does, with `fallback` at 1 meanwhile.
+    pub fn redis<F, Fut>(memory: Memory, connect: F, fallback: Gauge) -> Self
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = redis::RedisResult<Shared>> + Send,
+    {
+        let shared = Arc::new(OnceLock::new());
+        let slot = shared.clone();
+        fallback.set(1);
+        tokio::spawn(async move {
+            loop {
+                match tokio::time::timeout(REDIS_RETRY, connect()).await {
+                    Ok(Ok(connected)) => {
+                        let _ = slot.set(connected);
+                        fallback.set(0);
+                        tracing::info!("dedup uses Redis");
+                        return;
+                    }
+                    Ok(Err(error)) => tracing::warn!(%error, retry_in = ?REDIS_RETRY, "RELAY_DEDUP_REDIS_URL: cannot reach Redis; dedup is per process until it answers"),
+                    Err(_) => tracing::warn!(retry_in = ?REDIS_RETRY, "RELAY_DEDUP_REDIS_URL: Redis did not answer; dedup is per process until it does"),
+                }
+                tokio::time::sleep(REDIS_RETRY).await;
+            }
+        });
+        Self { memory, shared }
+    }
+
+    pub fn store(&self) -> Store<'_> {
+        match self.shared.get() {
+            Some(shared) => Store::Redis(shared),
+            None => Store::Memory(&self.memory),
+        }
+    }
+}
+
+/// Pause between attempts to reach a configured Redis that did not answer.
+pub const REDIS_RETRY: Duration = Duration::from_secs(10);
+
+impl Store<'_> {
+    pub async fn claim(self, key: &str) -> Claim {
         match self {
             Self::Memory(m) => m.claim(key),
             Self::Redis(r) => r.claim(key).await,
@@ -38,7 +94,7 @@ impl Dedup {
     }
 
     /// The claimed id was published: remember it.
-    pub async fn complete(&self, key: &str) {
+    pub async fn complete(self, key: &str) {
         match self {
             Self::Memory(m) => m.complete(key),
             Self::Redis(r) => r.complete(key).await,
@@ -47,7 +103,7 @@ impl Dedup {
 
     /// The claimed id was not published (it will be retried or dead-lettered): forget the
     /// claim, so that its next delivery is handled.
-    pub async fn release(&self, key: &str) {
+    pub async fn release(self, key: &str) {
         match self {
             Self::Memory(m) => m.release(key),
             Self::Redis(r) => r.release(key).await,
@@ -76,8 +132,9 @@ impl Memory {
         Self { state: Mutex::default(), window, capacity }
     }
 
-    /// In this process a second copy of an id in flight is skipped as a duplicate: the
-    /// first copy is either published or parked for retry, so nothing is lost.
+    /// Only a published id is a duplicate. A second copy of an id still in flight is
+    /// `Busy`: after a lost connection the first copy's ack goes to a dead channel, and if
+    /// that copy then fails, the second is the only one left.
     fn claim(&self, id: &str) -> Claim {
         let mut state = self.state.lock().expect("dedup lock");
         let now = Instant::now();
@@ -88,8 +145,10 @@ impl Memory {
             let (_, old) = state.published.pop_front().expect("front exists");
             state.seen.remove(&old);
         }
-        if state.seen.contains_key(id) {
-            return Claim::Duplicate;
+        match state.seen.get(id) {
+            Some(Some(_)) => return Claim::Duplicate,
+            Some(None) => return Claim::Busy,
+            None => {}
         }
         state.seen.insert(id.to_owned(), None);
         Claim::Fresh
@@ -126,7 +185,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub async fn connect(url: &str, ttl: Duration, pending_ttl: Duration) -> redis::RedisResult<Self> {
+    pub async fn connect(url: String, ttl: Duration, pending_ttl: Duration) -> redis::RedisResult<Self> {
         let redis = ConnectionManager::new(redis::Client::open(url)?).await?;
         Ok(Self { redis, owner: format!("pending:{:016x}", fastrand::u64(..)), ttl, pending_ttl })
     }
@@ -195,7 +254,7 @@ mod tests {
     fn a_published_id_is_refused_until_the_window_passes() {
         let d = Memory::new(Duration::from_millis(50), 10);
         assert_eq!(d.claim("wh_1"), Claim::Fresh);
-        assert_eq!(d.claim("wh_1"), Claim::Duplicate, "in flight");
+        assert_eq!(d.claim("wh_1"), Claim::Busy, "in flight: not yet safe to drop");
         d.complete("wh_1");
         assert_eq!(d.claim("wh_1"), Claim::Duplicate, "published");
         std::thread::sleep(Duration::from_millis(60));

@@ -4,8 +4,10 @@
 //! Up to `RELAY_FETCH_CONCURRENCY` deliveries are handled at once, each in its own task, so
 //! a slow fetch never holds up the ones behind it. Every delivery ends in exactly one of:
 //! published (ack), duplicate (ack), parked for retry (ack after the copy is confirmed),
-//! dead-lettered (ack after the copy is confirmed), or, when the broker itself fails,
-//! left unacked so RabbitMQ redelivers it.
+//! or dead-lettered (ack after the copy is confirmed). A delivery is never acked before a
+//! copy of it is confirmed somewhere, and never nacked while the process runs: when the
+//! broker fails, the worker keeps the delivery and tries to park it again until it succeeds
+//! or the delivery's channel is gone (then the broker has put it back already).
 
 pub mod dedup;
 pub mod retry;
@@ -14,7 +16,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures::{FutureExt, StreamExt};
 use secrecy::SecretString;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
@@ -37,9 +41,10 @@ use crate::publish::EventPublisher;
 use crate::topology::Topology;
 use crate::verify::HEADER_ID;
 
-/// Pause before a delivery that met a broker failure is handed back, so a broken broker
-/// does not turn into a hot redelivery loop.
-const BROKER_FAILURE_PAUSE: Duration = Duration::from_secs(1);
+/// Pause before the consumer re-attaches after its channel failed.
+const REATTACH_PAUSE: Duration = Duration::from_secs(1);
+/// Longest pause between two attempts to park a delivery while the broker fails.
+const MOVE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 pub struct Worker {
     pub broker: Broker,
@@ -52,6 +57,8 @@ pub struct Worker {
     /// API key and CloudEvent source by project (`None`: the default project).
     pub projects: HashMap<Option<String>, WorkerProject>,
     pub concurrency: usize,
+    /// Largest CloudEvent the broker takes (`RELAY_MAX_MESSAGE_BYTES`).
+    pub max_message_bytes: usize,
 }
 
 /// What the worker needs of one OpenAI project.
@@ -68,7 +75,9 @@ enum Disposition {
     Busy,
     Retry(Failure),
     Dead(Failure),
-    BrokerFailed(PublishError),
+    /// The broker could not take the event (not connected, not confirmed in time): park it
+    /// without using an attempt, since nothing about the event itself failed.
+    BrokerUnavailable(PublishError),
 }
 
 impl Worker {
@@ -86,10 +95,11 @@ impl Worker {
                 () = shutdown.cancelled() => break,
             };
             if let Err(error) = self.consume(&link, &shutdown, &tasks).await {
+                // Only this consumer's channel: the connection and the publishing channel
+                // are the supervisor's to judge.
                 tracing::warn!(%error, "inbox consumer stopped; re-attaching");
-                link.report_broken();
                 tokio::select! {
-                    () = tokio::time::sleep(BROKER_FAILURE_PAUSE) => {}
+                    () = tokio::time::sleep(REATTACH_PAUSE) => {}
                     () = shutdown.cancelled() => {}
                 }
             }
@@ -119,7 +129,7 @@ impl Worker {
             };
             match delivery {
                 Some(Ok(delivery)) => {
-                    tasks.spawn(Arc::clone(self).handle(delivery, slot));
+                    tasks.spawn(Arc::clone(self).handle(delivery, slot, shutdown.clone()));
                 }
                 Some(Err(error)) => return Err(error),
                 None => return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed))),
@@ -133,22 +143,36 @@ impl Worker {
         Ok(())
     }
 
-    async fn handle(self: Arc<Self>, delivery: Delivery, _slot: OwnedSemaphorePermit) {
+    async fn handle(self: Arc<Self>, delivery: Delivery, _slot: OwnedSemaphorePermit, shutdown: CancellationToken) {
         let _in_flight = InFlight::track(&self.metrics.deliveries_in_flight);
         let properties = &delivery.properties;
-        let webhook_id = header(properties, HEADER_ID).unwrap_or_default().to_owned();
+        let webhook_id = header(properties, HEADER_ID).map(str::to_owned);
         let project = header(properties, HEADER_PROJECT).map(str::to_owned);
         let used = u32::try_from(int_header(properties, HEADER_ATTEMPTS).unwrap_or(0)).unwrap_or(0);
-        let span = tracing::info_span!("deliver", project = project.as_deref().unwrap_or("default"), %webhook_id, event_id = tracing::field::Empty, event_type = tracing::field::Empty, object_id = tracing::field::Empty, attempt = used + 1);
+        // Warn level, so that the ids stay on every warning and error at `RUST_LOG=warn`.
+        let span = tracing::warn_span!("deliver", project = project.as_deref().unwrap_or("default"), webhook_id = webhook_id.as_deref().unwrap_or(""), event_id = tracing::field::Empty, event_type = tracing::field::Empty, object_id = tracing::field::Empty, attempt = used + 1);
         async move {
-            let disposition = self.process(&delivery, project, &webhook_id).await;
-            self.settle(&delivery, used + 1, disposition).await;
+            // A panic is this delivery's failure, not the process's: it is dead-lettered with
+            // the panic message, and its dedup claim is released on the way (see `process`).
+            let disposition = AssertUnwindSafe(self.process(&delivery, project, webhook_id.as_deref())).catch_unwind().await.unwrap_or_else(|panic| self.panicked(&*panic));
+            self.settle(&delivery, used + 1, disposition, &shutdown).await;
         }
         .instrument(span)
         .await;
     }
 
-    async fn process(&self, delivery: &Delivery, project: Option<String>, webhook_id: &str) -> Disposition {
+    fn panicked(&self, panic: &(dyn std::any::Any + Send)) -> Disposition {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic without a message".to_owned());
+        self.metrics.panics.inc();
+        tracing::error!(panic = %message, "handling the delivery panicked");
+        Disposition::Dead(failure(None, "panic", format!("the relay panicked handling this delivery: {message}"), None))
+    }
+
+    async fn process(&self, delivery: &Delivery, project: Option<String>, webhook_id: Option<&str>) -> Disposition {
         let envelope = match Envelope::parse(&delivery.data) {
             Ok(envelope) => envelope,
             // The receiver checked this; only a message put into the inbox by hand gets here.
@@ -166,16 +190,23 @@ impl Worker {
             let message = format!("no API key for project {:?} in this worker", project.as_deref().unwrap_or("default"));
             return Disposition::Retry(failure(None, "unknown_project", message, None));
         };
-        let key = format!("{}/{webhook_id}", project.as_deref().unwrap_or(""));
-        match self.dedup.claim(&key).await {
+        // The receiver always sets `webhook-id`; a message put into the inbox without one is
+        // keyed by its event id rather than sharing one empty key with every other such message.
+        let key = match webhook_id {
+            Some(id) => format!("{}/{id}", project.as_deref().unwrap_or("")),
+            None => format!("{}/event:{}", project.as_deref().unwrap_or(""), envelope.id),
+        };
+        let store = self.dedup.store();
+        match store.claim(&key).await {
             Claim::Fresh => {}
             Claim::Duplicate => return Disposition::Duplicate,
             Claim::Busy => return Disposition::Busy,
         }
-        let disposition = self.enrich_and_publish(delivery, &envelope, project.as_deref(), settings, webhook_id).await;
+        let work = self.enrich_and_publish(delivery, &envelope, project.as_deref(), settings, webhook_id.unwrap_or_default());
+        let disposition = AssertUnwindSafe(work).catch_unwind().await.unwrap_or_else(|panic| self.panicked(&*panic));
         match disposition {
-            Disposition::Published => self.dedup.complete(&key).await,
-            _ => self.dedup.release(&key).await,
+            Disposition::Published => store.complete(&key).await,
+            _ => store.release(&key).await,
         }
         disposition
     }
@@ -210,6 +241,13 @@ impl Worker {
             Ok(bytes) => bytes,
             Err(e) => return Disposition::Dead(failure(None, "normalize", e.to_string(), None)),
         };
+        if cloud_event.len() > self.max_message_bytes {
+            // The broker would close the channel on it (RabbitMQ 4.x takes 16 MiB by default):
+            // dead-letter the small inbox message instead; it can be replayed once the
+            // broker's `max_message_size` and RELAY_MAX_MESSAGE_BYTES allow it.
+            let message = format!("the CloudEvent is {} bytes, over RELAY_MAX_MESSAGE_BYTES ({})", cloud_event.len(), self.max_message_bytes);
+            return Disposition::Dead(failure(None, "too_large", message, None));
+        }
         let traceparent = header(&delivery.properties, HEADER_TRACEPARENT);
         match self.publisher.publish(envelope, webhook_id, project, traceparent, &cloud_event).await {
             Ok(()) => {
@@ -218,49 +256,94 @@ impl Worker {
                 Disposition::Published
             }
             Err(e @ PublishError::Unroutable(_)) => Disposition::Retry(failure(None, "unroutable", e.to_string(), None)),
-            Err(e) => Disposition::BrokerFailed(e),
+            // Refused for this message (a consumer's full queue, a channel error): counts as
+            // an attempt, so a message the broker never takes ends in the dead-letter queue.
+            Err(e @ (PublishError::Nacked | PublishError::Channel(_))) => Disposition::Retry(failure(None, "broker_refused", e.to_string(), None)),
+            Err(e @ (PublishError::NotConnected | PublishError::Timeout(_))) => Disposition::BrokerUnavailable(e),
         }
     }
 
-    /// Acks, parks, dead-letters or hands back the delivery, after `attempts` attempts.
-    async fn settle(&self, delivery: &Delivery, attempts: u32, disposition: Disposition) {
-        let moved = match disposition {
-            Disposition::Published => Ok(()),
+    /// Parks or dead-letters the delivery as `disposition` says, after `attempts` attempts,
+    /// then acks it. A move the broker does not confirm is tried again, with a growing
+    /// pause, for as long as the delivery is ours; the delivery is never nacked meanwhile
+    /// (each redelivery would fetch again and count towards the inbox's delivery limit).
+    async fn settle(&self, delivery: &Delivery, attempts: u32, disposition: Disposition, shutdown: &CancellationToken) {
+        let mut pause = Duration::from_secs(1);
+        loop {
+            let moved = self.move_out(delivery, attempts, &disposition).await;
+            match moved {
+                Ok(()) => return self.ack(delivery).await,
+                Err(error) if delivery.acker.poisoned() => {
+                    // The channel it came on is gone, so the broker has put it back (a
+                    // duplicate at most, if an earlier copy did get through).
+                    tracing::warn!(%error, "broker failed and the delivery's channel is gone; it will be redelivered");
+                    return;
+                }
+                Err(error) if shutdown.is_cancelled() => {
+                    tracing::warn!(%error, "broker failed while shutting down; handing the delivery back");
+                    let returned = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                    return self.settled("nack", returned);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?pause, "broker failed; keeping the delivery and trying again");
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                    pause = (pause * 2).min(MOVE_RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// The broker-side half of settling: `Ok` once the delivery no longer needs the inbox.
+    async fn move_out(&self, delivery: &Delivery, attempts: u32, disposition: &Disposition) -> Result<(), PublishError> {
+        let (used, delay, f) = match disposition {
+            Disposition::Published => return Ok(()),
             Disposition::Duplicate => {
                 self.metrics.duplicates.inc();
                 tracing::info!("duplicate delivery skipped");
-                Ok(())
+                return Ok(());
             }
             Disposition::Busy => {
                 let delay = self.policy.initial.max(Duration::from_secs(1));
-                tracing::info!(retry_in = ?delay, "another replica is handling this delivery; looking again later");
-                let f = failure(None, "claimed_elsewhere", "another replica holds the dedup claim".into(), None);
-                retry::park(&self.broker, &self.topology, &self.metrics, delivery, attempts - 1, delay, &f).await
+                tracing::info!(retry_in = ?delay, "the same delivery is being handled elsewhere; looking again later");
+                let f = failure(None, "claimed_elsewhere", "another task or replica holds the dedup claim".into(), None);
+                (attempts - 1, delay, f)
+            }
+            Disposition::BrokerUnavailable(e) => {
+                let delay = self.policy.initial.max(Duration::from_secs(1));
+                tracing::warn!(error.message = %e, retry_in = ?delay, "broker did not take the event; parking it");
+                (attempts - 1, delay, failure(None, "broker_unavailable", e.to_string(), None))
             }
             Disposition::Retry(f) if attempts < self.policy.max_attempts => {
                 let delay = self.policy.delay(attempts, f.retry_after);
                 tracing::warn!(reason = %f.reason, error.message = %f.message, retry_in = ?delay, "will retry");
-                retry::park(&self.broker, &self.topology, &self.metrics, delivery, attempts, delay, &f).await
+                (attempts, delay, f.clone())
             }
             Disposition::Retry(f) | Disposition::Dead(f) => {
                 tracing::error!(reason = %f.reason, error.message = %f.message, attempts, "dead-lettered");
-                retry::dead_letter(&self.broker, &self.topology, &self.metrics, delivery, attempts, &f).await
+                return retry::dead_letter(&self.broker, &self.topology, &self.metrics, delivery, attempts, f).await;
             }
-            Disposition::BrokerFailed(e) => Err(e),
         };
-        match moved {
-            Ok(()) => {
-                if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
-                    // The broker redelivers it; the dedup window or consumers catch the repeat.
-                    tracing::warn!(%error, "inbox ack failed");
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "broker failed; handing the delivery back");
-                tokio::time::sleep(BROKER_FAILURE_PAUSE).await;
-                let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
-            }
-        }
+        retry::park(&self.broker, &self.topology, &self.metrics, delivery, used, delay, &f).await
+    }
+
+    async fn ack(&self, delivery: &Delivery) {
+        let acked = delivery.acker.ack(BasicAckOptions::default()).await;
+        self.settled("ack", acked);
+    }
+
+    /// Logs and counts a settle that did not reach the broker: lapin answers `Ok(false)`
+    /// when the delivery's channel is gone, and the broker then redelivers the message.
+    fn settled(&self, op: &'static str, result: lapin::Result<bool>) {
+        let error = match result {
+            Ok(true) => return,
+            Ok(false) => "the delivery's channel is closed".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        self.metrics.settle_failures.get_or_create(&label("op", op)).inc();
+        tracing::warn!(op, %error, "inbox settle did not reach the broker; the message will be redelivered");
     }
 }
 

@@ -1,4 +1,4 @@
-//! What happens to a delivery that could not be published yet: parked in a retry queue
+//! What happens to a delivery that could not be published yet: parked in a delay queue
 //! for a growing delay, or, out of attempts or hopeless, moved to the dead-letter queue
 //! with headers saying why.
 //!
@@ -14,7 +14,7 @@ use lapin::types::AMQPValue;
 use crate::broker::{Broker, Outgoing, PublishError};
 use crate::inbox::{HEADER_ATTEMPTS, PERSISTENT, unix_now};
 use crate::metrics::Metrics;
-use crate::topology::{MAX_RETRY_DELAY, Topology};
+use crate::topology::{MAX_DELAY, Topology};
 
 /// Headers on dead letters (and the last error on parked retries).
 pub const HEADER_ERROR_STATUS: &str = "x-relay-error-status";
@@ -46,7 +46,7 @@ impl RetryPolicy {
     /// `Retry-After` when given, else exponential from `initial` with "equal jitter" (half
     /// fixed, half random, so retries of a burst spread out), capped at `max`.
     pub fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
-        let cap = self.max.min(MAX_RETRY_DELAY);
+        let cap = self.max.min(MAX_DELAY);
         if let Some(asked) = retry_after {
             return asked.min(cap);
         }
@@ -56,7 +56,7 @@ impl RetryPolicy {
     }
 }
 
-/// Parks `delivery` in the retry tier for `delay`, recording the attempts used so far.
+/// Parks `delivery` in the delay queue for `delay`, recording the attempts used so far.
 pub async fn park(
     broker: &Broker,
     topology: &Topology,
@@ -72,7 +72,7 @@ pub async fn park(
         (HEADER_ERROR_MESSAGE, AMQPValue::LongString(failure.message.as_str().into())),
     ])
     .with_expiration(delay.as_millis().max(1).to_string().into());
-    let queue = topology.retry_queue(delay);
+    let queue = topology.delay_queue(delay);
     let message = Outgoing { exchange: "", routing_key: &queue, body: &delivery.data, properties };
     broker.publish(message, &metrics.publish_confirm_seconds).await?;
     metrics.retries.get_or_create(&crate::metrics::label("reason", failure.reason.as_str())).inc();

@@ -1,0 +1,211 @@
+//! The RabbitMQ objects the relay relies on, their names and arguments, and their
+//! idempotent declaration.
+//!
+//! ```text
+//! <inbox>                quorum  verified deliveries, consumed by the worker
+//! <inbox>.delay.<tier>   quorum  parked retries; an expired message dead-letters back to <inbox>
+//! <inbox>.dead           quorum  deliveries that ran out of attempts or cannot succeed
+//! <exchange>             topic   normalized CloudEvents, routing key = OpenAI event type
+//! ```
+//!
+//! Every queue is a quorum queue: replicated on a cluster, and the only kind whose
+//! dead-lettering is at-least-once. A parked retry therefore survives a broker restart or a
+//! node loss exactly like an inbox message, and an expired one is handed to the inbox only
+//! once the inbox has confirmed it (classic queues dead-letter at-most-once: a retry expiring
+//! while the inbox had no leader was dropped). At-least-once dead-lettering needs
+//! `x-overflow: reject-publish` on the source queue, which also means a length limit an
+//! operator adds by policy refuses new messages (the receiver answers 503) instead of
+//! silently dropping the oldest.
+//!
+//! `deploy/rabbitmq/definitions.json` declares the same objects for operators who
+//! pre-provision; a test keeps the two equal. [`migrate`] moves what an older version left
+//! under other names or arguments.
+
+pub mod migrate;
+
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, ExchangeKind};
+
+/// Retry delays are parked in one queue per tier. A message waits in the smallest tier at
+/// least as long as its delay, with its own per-message TTL. RabbitMQ expires messages only
+/// at the head of a queue, so a message can wait behind a longer one of the same tier; the
+/// factor of 4 between tiers bounds that wait: a retry is due after its delay and at most
+/// 4x its delay (plus the broker's expiry timer, well under a second).
+pub const DELAY_TIERS: [Duration; 9] = [
+    Duration::from_millis(100),
+    Duration::from_millis(400),
+    Duration::from_millis(1_600),
+    Duration::from_millis(6_400),
+    Duration::from_millis(25_600),
+    Duration::from_millis(102_400),
+    Duration::from_millis(409_600),
+    Duration::from_millis(1_638_400),
+    Duration::from_millis(6_553_600),
+];
+
+/// The longest delay the relay parks a retry for (about 1 h 49 min).
+pub const MAX_DELAY: Duration = DELAY_TIERS[DELAY_TIERS.len() - 1];
+
+/// Times the broker may hand out one inbox message before it dead-letters it to
+/// `<inbox>.dead` (reason `delivery_limit`). RabbitMQ 4.x otherwise applies 20 and then
+/// drops the message. Every return counts (a relay crash, a lost connection, a shutdown
+/// with prefetched messages), so the limit is high; a message that crashes the worker
+/// process every time still ends in `<inbox>.dead`, never nowhere.
+pub const INBOX_DELIVERY_LIMIT: i64 = 100;
+
+/// The same for `<inbox>.dead`, which only operators read (`replay-dead`): high enough never
+/// to be reached; past it a dead letter goes to the back of `<inbox>.dead` again.
+pub const DEAD_DELIVERY_LIMIT: i64 = 1_000_000;
+
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Output topic exchange (`RELAY_EXCHANGE`).
+    pub exchange: String,
+    /// Inbox queue (`RELAY_INBOX_QUEUE`); the delay and dead-letter queues derive from it.
+    pub inbox: String,
+}
+
+/// A queue argument value, as RabbitMQ stores it (and as `definitions.json` writes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arg {
+    Str(String),
+    Int(i64),
+}
+
+/// A durable queue and the arguments it is declared with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    pub name: String,
+    pub arguments: Vec<(&'static str, Arg)>,
+}
+
+impl QueueSpec {
+    /// A durable quorum queue that dead-letters to `target` through the default exchange,
+    /// at-least-once.
+    fn quorum(name: String, target: &str, delivery_limit: Option<i64>) -> Self {
+        let mut arguments = vec![
+            ("x-queue-type", Arg::Str("quorum".into())),
+            ("x-overflow", Arg::Str("reject-publish".into())),
+            ("x-dead-letter-exchange", Arg::Str(String::new())),
+            ("x-dead-letter-routing-key", Arg::Str(target.to_owned())),
+            ("x-dead-letter-strategy", Arg::Str("at-least-once".into())),
+        ];
+        if let Some(limit) = delivery_limit {
+            arguments.push(("x-delivery-limit", Arg::Int(limit)));
+        }
+        Self { name, arguments }
+    }
+
+    pub fn field_table(&self) -> FieldTable {
+        let mut table = FieldTable::default();
+        for (key, value) in &self.arguments {
+            let value = match value {
+                Arg::Str(s) => AMQPValue::LongString(s.as_str().into()),
+                Arg::Int(n) => AMQPValue::LongLongInt(*n),
+            };
+            table.insert((*key).into(), value);
+        }
+        table
+    }
+
+    /// Declares the queue; a queue of this name with other arguments fails with 406 and
+    /// closes `channel`.
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(self.name.as_str().into(), durable, self.field_table()).await.map(drop)
+    }
+}
+
+/// The delay queue for `delay` in front of `target`: the smallest tier that holds it.
+pub fn delay_queue(target: &str, delay: Duration) -> String {
+    let tier = DELAY_TIERS.iter().find(|tier| **tier >= delay).unwrap_or(&MAX_DELAY);
+    format!("{target}.delay.{}ms", tier.as_millis())
+}
+
+impl Topology {
+    pub fn dead(&self) -> String {
+        format!("{}.dead", self.inbox)
+    }
+
+    /// The delay queue that parks an inbox delivery for `delay`.
+    pub fn delay_queue(&self, delay: Duration) -> String {
+        delay_queue(&self.inbox, delay)
+    }
+
+    /// Every queue the relay declares, with its arguments, in declaration order: a
+    /// dead-letter target before the queues that feed it.
+    pub fn queue_specs(&self) -> Vec<QueueSpec> {
+        let dead = self.dead();
+        let mut specs = vec![
+            QueueSpec::quorum(dead.clone(), &dead, Some(DEAD_DELIVERY_LIMIT)),
+            QueueSpec::quorum(self.inbox.clone(), &dead, Some(INBOX_DELIVERY_LIMIT)),
+        ];
+        specs.extend(DELAY_TIERS.iter().map(|tier| QueueSpec::quorum(self.delay_queue(*tier), &self.inbox, None)));
+        specs
+    }
+
+    /// Every queue name the relay declares, for operators and test clean-up.
+    pub fn queues(&self) -> Vec<String> {
+        self.queue_specs().into_iter().map(|spec| spec.name).collect()
+    }
+
+    /// Declares the exchange and the queues, on a channel where every queue already
+    /// exists with these arguments or does not exist yet; [`migrate::declare`] handles the
+    /// rest.
+    pub async fn declare_exchange(&self, channel: &Channel) -> lapin::Result<()> {
+        channel
+            .exchange_declare(
+                self.exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+    }
+}
+
+pub fn table<const N: usize>(entries: [(&str, AMQPValue); N]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in entries {
+        table.insert(key.into(), value);
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_land_in_the_smallest_tier_that_holds_them() {
+        let t = Topology { exchange: "x".into(), inbox: "in".into() };
+        assert_eq!(t.delay_queue(Duration::from_millis(1)), "in.delay.100ms");
+        assert_eq!(t.delay_queue(Duration::from_millis(400)), "in.delay.400ms");
+        assert_eq!(t.delay_queue(Duration::from_millis(401)), "in.delay.1600ms");
+        assert_eq!(t.delay_queue(Duration::from_secs(86_400)), "in.delay.6553600ms");
+        assert_eq!(t.queues().len(), 11);
+    }
+
+    #[test]
+    fn every_queue_is_quorum_and_dead_letters_at_least_once_with_reject_publish() {
+        let t = Topology { exchange: "x".into(), inbox: "in".into() };
+        for spec in t.queue_specs() {
+            let arg = |key| spec.arguments.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
+            assert_eq!(arg("x-queue-type"), Some(Arg::Str("quorum".into())), "{}", spec.name);
+            assert_eq!(arg("x-dead-letter-strategy"), Some(Arg::Str("at-least-once".into())), "{}", spec.name);
+            assert_eq!(arg("x-overflow"), Some(Arg::Str("reject-publish".into())), "{}", spec.name);
+            let target = match arg("x-dead-letter-routing-key") {
+                Some(Arg::Str(target)) => target,
+                other => panic!("{}: {other:?}", spec.name),
+            };
+            let expected = if spec.name.starts_with("in.delay.") { "in" } else { "in.dead" };
+            assert_eq!(target, expected, "{}", spec.name);
+            if !spec.name.starts_with("in.delay.") {
+                assert!(matches!(arg("x-delivery-limit"), Some(Arg::Int(n)) if n > 20), "{}: explicit limit above 4.x's 20", spec.name);
+            }
+        }
+    }
+}
