@@ -46,7 +46,7 @@ async fn openai_api_faults_mixed_under_load_end_published_or_dead_lettered() {
         event("response.completed", &id)
     });
     let stop = CancellationToken::new();
-    let senders = tokio::spawn(load(relay.url(), 8, stop.clone(), make));
+    let senders = tokio::spawn(load(relay.url(), 8, usize::MAX, stop.clone(), make));
     tokio::time::sleep(Duration::from_secs(5)).await;
     stop.cancel();
     let sender = senders.await.unwrap();

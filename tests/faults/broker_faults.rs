@@ -20,7 +20,7 @@ async fn broker_connections_cut_repeatedly_under_load_lose_nothing() {
     let proxy = Proxy::start("127.0.0.1:5672").await;
     let relay = Relay::start(&openai, &proxy.amqp_url(), &[]).await;
     let stop = CancellationToken::new();
-    let senders = tokio::spawn(load(relay.url(), 8, stop.clone(), passthrough()));
+    let senders = tokio::spawn(load(relay.url(), 8, usize::MAX, stop.clone(), passthrough()));
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(1000)).await;
         proxy.cut();
@@ -42,7 +42,7 @@ async fn rabbitmqctl_close_all_connections_under_load_loses_nothing() {
     let openai = FakeOpenAi::start().await;
     let relay = Relay::start(&openai, &amqp_url(), &[]).await;
     let stop = CancellationToken::new();
-    let senders = tokio::spawn(load(relay.url(), 8, stop.clone(), passthrough()));
+    let senders = tokio::spawn(load(relay.url(), 8, usize::MAX, stop.clone(), passthrough()));
     tokio::time::sleep(Duration::from_secs(2)).await;
     tokio::task::spawn_blocking(|| rabbitmqctl(&["close_all_connections", "fault test"])).await.unwrap();
     relay.wait_ready().await;
@@ -72,7 +72,7 @@ async fn broker_refusing_publishes_gets_503_and_recovers() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let stop = CancellationToken::new();
-    let senders = tokio::spawn(load(receiver.url(), 4, stop.clone(), passthrough()));
+    let senders = tokio::spawn(load(receiver.url(), 4, usize::MAX, stop.clone(), passthrough()));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (_connection, channel) = crate::harness::connect().await;
     let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };

@@ -16,7 +16,7 @@ async fn sigkill_mid_load_and_restart_loses_nothing() {
     let stop = CancellationToken::new();
     // Half need a fetch (served from fixtures), half pass through.
     let make = Arc::new(|n: usize| if n.is_multiple_of(2) { event("response.completed", "resp_completed01") } else { event("something.new", "x_1") });
-    let senders = tokio::spawn(load(relay.url(), 8, stop.clone(), make));
+    let senders = tokio::spawn(load(relay.url(), 8, usize::MAX, stop.clone(), make));
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_secs(2)).await;
         relay.kill();

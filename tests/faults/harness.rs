@@ -67,10 +67,12 @@ impl Relay {
         let mut relay = Self { port, observed, topology, env, child: None, _cleanup: cleanup };
         relay.spawn();
         relay.wait_ready().await;
-        // A durable queue of the test's own, so that closing connections loses nothing of it.
+        // A quorum queue of the test's own, so that closing connections or restarting the
+        // broker loses nothing of it.
         let (_c, channel) = connect().await;
         let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-        channel.queue_declare(relay.observed.as_str().into(), durable, FieldTable::default()).await.unwrap();
+        let quorum = openai_webhook_relay::topology::table([("x-queue-type", lapin::types::AMQPValue::LongString("quorum".into()))]);
+        channel.queue_declare(relay.observed.as_str().into(), durable, quorum).await.unwrap();
         channel
             .queue_bind(relay.observed.as_str().into(), relay.topology.exchange.as_str().into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
             .await
@@ -82,7 +84,7 @@ impl Relay {
         let child = Command::new(env!("CARGO_BIN_EXE_openai-webhook-relay"))
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(match std::env::var("FAULT_RELAY_LOG") { Ok(path) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap()), Err(_) => Stdio::null() })
             .spawn()
             .expect("relay binary starts");
         self.child = Some(child);
@@ -111,6 +113,12 @@ impl Relay {
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/webhooks/openai", self.port)
     }
+
+    /// The value of an unlabelled metric on the relay's `/metrics`.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.port)).await.ok()?.text().await.ok()?;
+        text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
 }
 
 impl Drop for Relay {
@@ -134,9 +142,10 @@ pub struct Sender {
     pub attempts: usize,
 }
 
-/// Runs `senders` tasks delivering events of `make_event` until `stop`; each task keeps
-/// retrying its current event (as OpenAI would) before moving on.
-pub async fn load(url: String, senders: usize, stop: CancellationToken, make_event: Arc<dyn Fn(usize) -> String + Send + Sync>) -> Sender {
+/// Runs `senders` tasks delivering events of `make_event` until `stop` or until `total`
+/// deliveries were started; each task keeps retrying its current event (as OpenAI would)
+/// before moving on.
+pub async fn load(url: String, senders: usize, total: usize, stop: CancellationToken, make_event: Arc<dyn Fn(usize) -> String + Send + Sync>) -> Sender {
     let secret = Secret::parse(&secret_text()).unwrap();
     let result = Arc::new(Mutex::new(Sender { sent: 0, acked: HashSet::new(), attempts: 0 }));
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
@@ -147,10 +156,16 @@ pub async fn load(url: String, senders: usize, stop: CancellationToken, make_eve
             let mut n = 0;
             while !stop.is_cancelled() {
                 n += 1;
+                {
+                    let mut result = result.lock().unwrap();
+                    if result.sent >= total {
+                        break;
+                    }
+                    result.sent += 1;
+                }
                 let body = make_event(s * 1_000_000 + n);
                 let event_id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_str().unwrap().to_owned();
                 let webhook_id = format!("wh_{:032x}", fastrand::u128(..));
-                result.lock().unwrap().sent += 1;
                 // Once sent, an event is retried until acknowledged, even past `stop`,
                 // but for at most 60 s (OpenAI would go on for 72 h).
                 let deadline = Instant::now() + Duration::from_secs(60);
@@ -211,27 +226,78 @@ pub async fn collect(relay: &Relay, acked: &HashSet<String>, within: Duration) -
             }
         }
         let accounted = acked.iter().all(|id| outcome.published.contains_key(id) || outcome.dead.contains_key(id));
-        if (accounted && !got_any) || started.elapsed() > within {
+        if accounted && !got_any {
+            return outcome;
+        }
+        if started.elapsed() > within {
+            // Where the missing ones are, for the failure message.
+            let names = relay.topology.queues();
+            let counts = tokio::task::spawn_blocking(queue_counts).await.unwrap();
+            println!("not all acked events came out within {within:?}; relay queues (name, ready, unacked): {:?}", counts.iter().filter(|(name, _, _)| names.contains(name)).collect::<Vec<_>>());
             return outcome;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// Prints the figure line and returns how many acked events were lost.
+/// Prints the figure line, with the accounting done per event id, and returns how many
+/// acked events were lost (neither published nor dead-lettered).
 pub fn report(name: &str, sender: &Sender, outcome: &Outcome) -> usize {
-    let lost = sender.acked.iter().filter(|id| !outcome.published.contains_key(*id) && !outcome.dead.contains_key(*id)).count();
+    let mut lost: Vec<&String> = sender.acked.iter().filter(|id| !outcome.published.contains_key(*id) && !outcome.dead.contains_key(*id)).collect();
+    lost.sort();
     let published: usize = outcome.published.values().sum();
     let duplicates = published - outcome.published.len();
+    // Stored but answered 503 (a confirm that came after its timeout): a repeat, not a loss.
+    let unacked_out = outcome.published.keys().chain(outcome.dead.keys()).filter(|id| !sender.acked.contains(*id)).count();
     println!(
-        "{name}: sent={} acked={} published={} dead={} lost={lost} duplicates={duplicates} (delivery attempts={})",
+        "{name}: sent={} acked={} published={} dead={} lost={} duplicates={duplicates} out_but_not_acked={unacked_out} (delivery attempts={})",
         sender.sent,
         sender.acked.len(),
         outcome.published.len(),
         outcome.dead.len(),
+        lost.len(),
         sender.attempts
     );
-    lost
+    if !lost.is_empty() {
+        println!("{name}: lost ids (first 20): {:?}", &lost[..lost.len().min(20)]);
+    }
+    lost.len()
+}
+
+/// Stops the shared broker's application; it is started again when the guard drops, also
+/// when the test fails, so no other test finds the broker down.
+pub struct BrokerStopped;
+
+impl BrokerStopped {
+    pub async fn stop() -> Self {
+        tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"])).await.unwrap();
+        Self
+    }
+
+    /// Starts the application and waits until the broker answers.
+    pub async fn start(self) {
+        tokio::task::spawn_blocking(move || drop(self)).await.unwrap();
+    }
+}
+
+impl Drop for BrokerStopped {
+    fn drop(&mut self) {
+        rabbitmqctl(&["start_app"]);
+        rabbitmqctl(&["await_startup", "--timeout", "60"]);
+    }
+}
+
+/// `(queue, ready, unacked)` for every queue of the default vhost. Quorum queue counters lag
+/// about a second behind.
+pub fn queue_counts() -> Vec<(String, u64, u64)> {
+    let output = Command::new("rabbitmqctl").args(["list_queues", "-q", "--no-table-headers", "name", "messages_ready", "messages_unacknowledged"]).output().expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            Some((fields.next()?.to_owned(), fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+        })
+        .collect()
 }
 
 pub fn rabbitmqctl(args: &[&str]) {

@@ -23,3 +23,4 @@ mod harness;
 mod api_faults;
 mod broker_faults;
 mod crash;
+mod restart;
