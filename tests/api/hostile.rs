@@ -361,7 +361,7 @@ impl Drop for Child {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_idle_connections_do_not_keep_a_signed_delivery_out() {
     use crate::fake_openai::FakeOpenAi;
-    use crate::helpers::{Amqp, Cleanup, unique_topology};
+    use crate::helpers::{Amqp, Cleanup, terminate, unique_topology};
     use crate::operations::{free_port, spawn_binary};
 
     const WANTED: usize = 10_000;
@@ -376,7 +376,7 @@ async fn ten_thousand_idle_connections_do_not_keep_a_signed_delivery_out() {
     let topology = unique_topology();
     let _cleanup = Cleanup::topology(&topology);
     let port = free_port();
-    let child = Child(spawn_binary(&openai, &topology, port, &[]));
+    let mut child = Child(spawn_binary(&openai, &topology, port, &[]));
     let base = format!("http://127.0.0.1:{port}");
     // No pooled keep-alive connection, so the relay's descriptor count is only the idle ones.
     let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
@@ -447,6 +447,6 @@ async fn ten_thousand_idle_connections_do_not_keep_a_signed_delivery_out() {
     let published = amqp.next(&queue, Duration::from_secs(5)).await.expect("the signed delivery is published");
     assert_eq!(openai_webhook_relay::inbox::header(&published.properties, "webhook-id"), Some(id.as_str()));
     assert!(amqp.next(&queue, Duration::from_millis(300)).await.is_none(), "nothing else was published");
-    assert_eq!(amqp.count(&topology.inbox).await, 0);
-    drop(child);
+    assert!(terminate(&mut child.0, Duration::from_secs(15)).await.success());
+    assert_eq!(amqp.left_over(&topology).await, Vec::<String>::new(), "the delivery was acked");
 }

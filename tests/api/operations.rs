@@ -198,21 +198,11 @@ async fn sigterm_lets_the_delivery_in_hand_finish_and_exits_0() {
     while openai.requests("resp_completed01") == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-
-    let started = std::time::Instant::now();
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(started.elapsed() < Duration::from_secs(15), "still running 15 s after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let exit = crate::helpers::terminate(&mut child, Duration::from_secs(15)).await;
     assert_eq!(exit.code(), Some(0));
     let published = amqp.next(&queue, Duration::ZERO).await.expect("the delivery in hand was published before exit");
     assert_eq!(header(&published.properties, "webhook-id"), Some(id.as_str()));
-    assert_eq!(amqp.count(&topology.inbox).await, 0, "and acked");
+    assert_eq!(amqp.left_over(&topology).await, Vec::<String>::new(), "and acked");
 }
 
 #[tokio::test]

@@ -87,7 +87,7 @@ async fn duplicated_deliveries_to_two_replicas_are_published_once_with_redis() {
     let topology = unique_topology();
     let _cleanup = Cleanup::topology(&topology);
     let ports = [free_port(), free_port()];
-    let _replicas: Vec<_> = ports
+    let mut replicas: Vec<_> = ports
         .iter()
         .map(|port| Replica(spawn_binary(&openai, &topology, *port, &[("RELAY_DEDUP_REDIS_URL", redis_url)])))
         .collect();
@@ -135,7 +135,11 @@ async fn duplicated_deliveries_to_two_replicas_are_published_once_with_redis() {
     println!("redis dedup: sent={} copies={} published={} duplicates={}", sent.len(), sent.len() * 2, published.values().sum::<usize>(), published.values().sum::<usize>() - published.len());
     assert_eq!(published.len(), sent.len(), "every event published");
     assert!(published.values().all(|n| *n == 1), "each exactly once: {published:?}");
-    assert_eq!(amqp.count(&topology.inbox).await, 0, "both copies of each acked");
+    // Stopped, the replicas' connections close and whatever they held unacked goes back.
+    for Replica(child) in &mut replicas {
+        assert!(crate::helpers::terminate(child, Duration::from_secs(15)).await.success());
+    }
+    assert_eq!(amqp.left_over(&topology).await, Vec::<String>::new(), "both copies of each acked");
 
     // Leave nothing behind in Redis.
     let mut redis = redis::Client::open(redis_url).unwrap().get_multiplexed_async_connection().await.unwrap();

@@ -33,7 +33,7 @@ async fn published(relay: &Relay, queue: &str) -> Delivery {
 
 #[tokio::test]
 async fn response_completed_comes_out_as_the_contracts_cloudevent() {
-    let (relay, queue) = relay_with_queue(Options::default()).await;
+    let (mut relay, queue) = relay_with_queue(Options::default()).await;
     let body = fixture("webhooks/response.completed.json");
     let id = webhook_id();
     assert_eq!(relay.deliver_as(&id, &body).await.status(), 200);
@@ -72,7 +72,7 @@ async fn response_completed_comes_out_as_the_contracts_cloudevent() {
     assert!(!expected_text.is_empty());
     assert_eq!(event["data"]["output_text"], expected_text.as_str());
     assert_eq!(relay.openai.bad_auth(), 0, "fetched with the configured key");
-    assert_eq!(relay.amqp.count(&relay.topology.inbox).await, 0, "inbox message acked");
+    assert_eq!(relay.halt_and_list_left_over().await, Vec::<String>::new(), "inbox message acked");
 }
 
 #[tokio::test]
@@ -164,7 +164,7 @@ async fn gone_object_is_published_with_fetch_error_and_not_retried() {
 
 #[tokio::test]
 async fn wrong_api_key_is_dead_lettered_after_bounded_attempts() {
-    let (relay, queue) = relay_with_queue(Options::default().arg("--fetch-max-attempts", 3)).await;
+    let (mut relay, queue) = relay_with_queue(Options::default().arg("--fetch-max-attempts", 3)).await;
     relay.openai.always("resp_completed01", Scripted::status(401).body(r#"{"error":{"message":"Incorrect API key provided.","type":"invalid_request_error"}}"#));
     assert_eq!(relay.deliver(&fixture("webhooks/response.completed.json")).await.status(), 200);
 
@@ -177,7 +177,7 @@ async fn wrong_api_key_is_dead_lettered_after_bounded_attempts() {
     assert_eq!(dead.data, fixture("webhooks/response.completed.json").as_bytes(), "original body kept");
     assert_eq!(relay.openai.requests("resp_completed01"), 3);
     assert!(relay.amqp.next(&queue, Duration::from_millis(300)).await.is_none(), "nothing published");
-    assert_eq!(relay.amqp.count(&relay.topology.inbox).await, 0);
+    assert_eq!(relay.halt_and_list_left_over().await, Vec::<String>::new(), "every attempt acked, none still parked");
 }
 
 #[tokio::test]
@@ -213,7 +213,7 @@ async fn unroutable_event_is_kept_until_a_queue_is_bound() {
 
 #[tokio::test]
 async fn duplicate_delivery_is_published_once() {
-    let (relay, queue) = relay_with_queue(Options::default()).await;
+    let (mut relay, queue) = relay_with_queue(Options::default()).await;
     let body = event("response.completed", "resp_completed01");
     let id = webhook_id();
     assert_eq!(relay.deliver_as(&id, &body).await.status(), 200);
@@ -222,7 +222,7 @@ async fn duplicate_delivery_is_published_once() {
     assert!(relay.amqp.next(&queue, Duration::from_millis(1500)).await.is_none(), "second copy not published");
     let metrics = relay.get("/metrics").await.text().await.unwrap();
     assert!(metrics.contains("relay_duplicates_total 1"), "{metrics}");
-    assert_eq!(relay.amqp.count(&relay.topology.inbox).await, 0, "both copies acked");
+    assert_eq!(relay.halt_and_list_left_over().await, Vec::<String>::new(), "both copies acked");
 }
 
 #[tokio::test]
