@@ -60,17 +60,23 @@ async fn unverifiable_deliveries_get_401_and_never_reach_the_inbox() {
     let relay = spawn_relay(receiver()).await;
     let body = event("response.completed", "resp_1");
     let id = webhook_id();
-    let now = unix_now();
-    let good = relay.sign(&id, now, &body);
     let tampered = body.replace("resp_1", "resp_2");
-    let cases: Vec<(&str, String, String, String)> = vec![
-        ("wrong signature", now.to_string(), "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(), body.clone()),
-        ("tampered body", now.to_string(), good.clone(), tampered),
-        ("stale timestamp", (now - 301).to_string(), relay.sign(&id, now - 301, &body), body.clone()),
-        ("future timestamp", (now + 301).to_string(), relay.sign(&id, now + 301, &body), body.clone()),
+    // Each case reads the clock just before its request, the relay just after. Its clock
+    // only moves on, so 301 s in the past stays outside the 300 s window. A timestamp in the
+    // future gets closer instead, and the window is inclusive (300 s ahead is accepted): 310 s
+    // gives 10 s of margin. The exact edges, ±300 accepted and ±301 refused, are checked at a
+    // fixed `now` by `timestamp_window_is_inclusive_at_the_tolerance` in src/verify/tests.rs.
+    // (case, timestamp offset, signed over `body` or a wrong signature, payload sent)
+    let cases = [
+        ("wrong signature", 0, false, &body),
+        ("tampered body", 0, true, &tampered),
+        ("stale timestamp", -301, true, &body),
+        ("future timestamp", 310, true, &body),
     ];
-    for (case, ts, sig, payload) in cases {
-        let response = relay.post(&[("webhook-id", &id), ("webhook-timestamp", &ts), ("webhook-signature", &sig)], payload.into_bytes()).await;
+    for (case, offset, signed, payload) in cases {
+        let ts = unix_now() + offset;
+        let sig = if signed { relay.sign(&id, ts, &body) } else { "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_owned() };
+        let response = relay.post(&[("webhook-id", &id), ("webhook-timestamp", &ts.to_string()), ("webhook-signature", &sig)], payload.as_bytes().to_vec()).await;
         assert_eq!(response.status(), 401, "{case}");
         let answer: serde_json::Value = response.json().await.unwrap();
         assert_eq!(answer["error"], "webhook verification failed", "{case}: no hint which check failed");
