@@ -149,6 +149,12 @@ impl Consumer {
         format!("stdout:\n{}\nstderr:\n{}", self.stdout.lock().unwrap().join("\n"), self.stderr.lock().unwrap().join("\n"))
     }
 
+    /// `report`, once the output of the exited process has been read to its end.
+    async fn report_when_closed(&mut self) -> String {
+        self.output().await;
+        self.report()
+    }
+
     /// Waits until `queue` exists and has a consumer: the consumer has declared, bound and
     /// subscribed (the binding comes before the subscription in both consumers).
     async fn wait_until_consuming(&mut self, queue: &str) {
@@ -158,8 +164,7 @@ impl Consumer {
                 return;
             }
             if let Some(status) = self.child.try_wait().unwrap() {
-                tokio::time::sleep(Duration::from_millis(100)).await; // let the readers catch up
-                panic!("consumer exited with {status} before consuming from {queue}\n{}", self.report());
+                panic!("consumer exited with {status} before consuming from {queue}\n{}", self.report_when_closed().await);
             }
             assert!(Instant::now() < deadline, "consumer never started consuming from {queue}\n{}", self.report());
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -170,8 +175,7 @@ impl Consumer {
         let deadline = Instant::now() + WAIT;
         while self.stdout.lock().unwrap().len() < count {
             if let Some(status) = self.child.try_wait().unwrap() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                panic!("consumer exited with {status} before printing {count} lines\n{}", self.report());
+                panic!("consumer exited with {status} before printing {count} lines\n{}", self.report_when_closed().await);
             }
             assert!(Instant::now() < deadline, "consumer printed fewer than {count} lines\n{}", self.report());
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -2,6 +2,7 @@
 //! non-UTF-8 and huge headers, long signature lists, and 10 000 idle connections against the
 //! real binary. Each test also checks that nothing unverified reached the inbox.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use openai_webhook_relay::inbox::unix_now;
@@ -348,6 +349,26 @@ fn open_files_limit() -> Option<usize> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
+/// How many TCP connections to its `port` the process `pid` holds: established ones in
+/// /proc/net/tcp whose socket is among the process's descriptors.
+fn connections_held(pid: u32, port: u16) -> usize {
+    let sockets: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|link| Some(link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned()))
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| fields.len() > 9 && fields[3] == "01" && sockets.contains(fields[9]))
+        .filter(|fields| fields[1].rsplit(':').next().and_then(|hex| u16::from_str_radix(hex, 16).ok()) == Some(port))
+        .count()
+}
+
 /// Kills the child relay when the test ends, passed or not.
 struct Child(std::process::Child);
 
@@ -361,7 +382,7 @@ impl Drop for Child {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_idle_connections_do_not_keep_a_signed_delivery_out() {
     use crate::fake_openai::FakeOpenAi;
-    use crate::helpers::{Amqp, Cleanup, terminate, unique_topology};
+    use crate::helpers::{Amqp, Cleanup, eventually, terminate, unique_topology};
     use crate::operations::{free_port, spawn_binary};
 
     const WANTED: usize = 10_000;
@@ -389,7 +410,9 @@ async fn ten_thousand_idle_connections_do_not_keep_a_signed_delivery_out() {
     let queue = amqp.bind(&topology.exchange, "#").await;
     let pid = child.0.id();
     let relay_fds = move || std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The readiness checks' connections are closed on this side; once the relay has closed
+    // its ends too, its descriptors are the baseline.
+    eventually(Duration::from_secs(5), "the relay closes the readiness checks' connections", async || (connections_held(pid, port) == 0).then_some(())).await;
     let baseline = relay_fds();
 
     // Open the idle connections, send nothing. In bursts of 100, each time letting the relay
@@ -417,7 +440,7 @@ async fn ten_thousand_idle_connections_do_not_keep_a_signed_delivery_out() {
     let id = webhook_id();
     let ts = unix_now().to_string();
     let sig = sign_bytes(&id, &ts, body.as_bytes());
-    let fresh = reqwest::Client::new();
+    let fresh = crate::helpers::http_client();
     let started = Instant::now();
     let response = fresh
         .post(format!("{base}/webhooks/openai"))

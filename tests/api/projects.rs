@@ -91,7 +91,7 @@ async fn duplicated_deliveries_to_two_replicas_are_published_once_with_redis() {
         .iter()
         .map(|port| Replica(spawn_binary(&openai, &topology, *port, &[("RELAY_DEDUP_REDIS_URL", redis_url)])))
         .collect();
-    let http = reqwest::Client::new();
+    let http = crate::helpers::http_client();
     for port in ports {
         crate::helpers::wait_ready(&format!("http://127.0.0.1:{port}")).await;
     }
