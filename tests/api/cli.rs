@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::fake_openai::Scripted;
-use crate::helpers::{Options, amqp_url, eventually, secret_text, spawn_relay};
+use crate::helpers::{Options, amqp_url, eventually, id_of, secret_text, spawn_relay, webhook_id};
 
 /// The longest any one step of these tests may take.
 const WAIT: Duration = Duration::from_secs(15);
@@ -102,14 +102,15 @@ async fn replay_dead_moves_dead_letters_back_after_the_cause_is_fixed() {
     let relay = spawn_relay(Options::default().arg("--fetch-max-attempts", 2)).await;
     let queue = relay.bind("#").await;
     relay.openai.always("resp_completed01", Scripted::status(401));
-    assert_eq!(relay.deliver(&crate::helpers::event("response.completed", "resp_completed01")).await.status(), 200);
+    let id = webhook_id();
+    assert_eq!(relay.deliver_as(&id, &crate::helpers::event("response.completed", "resp_completed01")).await.status(), 200);
     let dead = relay.topology.dead();
     eventually(WAIT, "dead-lettered", async || (relay.amqp.count(&dead).await > 0).then_some(())).await;
 
     let dry = run(relay_cli(&["replay-dead", "--inbox-queue", &relay.topology.inbox, "--dry-run"])).await;
     assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
     let stdout = String::from_utf8_lossy(&dry.stdout);
-    assert!(stdout.contains("would replay webhook-id=wh_") && stdout.contains("status=401 attempts=2"), "{stdout}");
+    assert!(stdout.contains(&format!("would replay webhook-id={id} ")) && stdout.contains("status=401 attempts=2"), "{stdout}");
     assert!(stdout.contains("would move 1 of 1 dead letters"), "{stdout}");
     // The dry run took the dead letter without ack; it is back once its connection has gone.
     assert_eq!(relay.amqp.settled_count(&dead).await, 1, "a dry run moves nothing");
@@ -119,6 +120,7 @@ async fn replay_dead_moves_dead_letters_back_after_the_cause_is_fixed() {
     assert!(real.status.success(), "{}", String::from_utf8_lossy(&real.stderr));
     assert!(String::from_utf8_lossy(&real.stdout).contains("moved 1 of 1 dead letters"));
     let delivery = relay.amqp.next(&queue, Duration::from_secs(10)).await.expect("published after replay");
+    assert_eq!(id_of(&delivery), id);
     let event: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap();
     assert_eq!(event["data"]["response"]["id"], "resp_completed01");
     assert_eq!(relay.amqp.settled_count(&dead).await, 0);

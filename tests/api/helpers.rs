@@ -235,6 +235,12 @@ impl Relay {
         self.halt().await.expect("the relay stops without error");
         self.amqp.left_over(&self.topology).await
     }
+
+    /// The `webhook-id`s stored in the inbox since the last look, taking them off. Only for
+    /// a relay without a worker (`role("receiver")`): see [`Amqp::take_all`].
+    pub async fn take_stored_ids(&self) -> Vec<String> {
+        self.amqp.take_all(&self.topology.inbox).await.iter().map(id_of).collect()
+    }
 }
 
 impl Drop for Relay {
