@@ -232,6 +232,18 @@ async fn example_binary(name: &str) -> PathBuf {
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
             .arg("--target-dir")
             .arg(target_dir);
+        // What cargo sets for this test, not for a build: a build script that watches one of
+        // these (ring's) would otherwise be rerun here, and again by the next `cargo test`.
+        for (variable, _) in std::env::vars_os() {
+            let set_for_this_test = variable.to_str().is_some_and(|name| {
+                name.starts_with("CARGO_PKG_")
+                    || name.starts_with("CARGO_BIN_EXE_")
+                    || matches!(name, "CARGO_MANIFEST_DIR" | "CARGO_MANIFEST_PATH" | "CARGO_CRATE_NAME" | "CARGO_TARGET_TMPDIR" | "CARGO_PRIMARY_PACKAGE")
+            });
+            if set_for_this_test {
+                build.env_remove(variable);
+            }
+        }
         match profile_dir.file_name().and_then(|n| n.to_str()) {
             Some("debug") => {}
             Some("release") => {
