@@ -3,8 +3,13 @@
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt, BufReader};
+
 use crate::fake_openai::Scripted;
-use crate::helpers::{Options, amqp_url, secret_text, spawn_relay};
+use crate::helpers::{Options, amqp_url, eventually, id_of, secret_text, spawn_relay, webhook_id};
+
+/// The longest any one step of these tests may take.
+const WAIT: Duration = Duration::from_secs(15);
 
 fn relay_cli(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_openai-webhook-relay"));
@@ -12,8 +17,11 @@ fn relay_cli(args: &[&str]) -> Command {
     command
 }
 
-async fn run(mut command: Command) -> Output {
-    tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap()
+/// Runs `command` to its end, killing it if it takes longer than `WAIT`.
+async fn run(command: Command) -> Output {
+    let mut command = tokio::process::Command::from(command);
+    command.kill_on_drop(true);
+    tokio::time::timeout(WAIT, command.output()).await.unwrap_or_else(|_| panic!("{command:?} still running after {WAIT:?}")).unwrap()
 }
 
 #[tokio::test]
@@ -55,18 +63,38 @@ async fn send_reports_a_refused_delivery_with_a_non_zero_exit() {
 
 #[tokio::test]
 async fn tail_prints_events_as_they_arrive() {
-    let relay = spawn_relay(Options::default()).await;
-    let mut command = relay_cli(&["tail", "--exchange", &relay.topology.exchange, "--binding", "response.*", "--count", "1", "--summary"]);
-    command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = command.spawn().unwrap();
-    // The temporary queue must be bound before the event is published.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _keep = relay.bind("#").await; // the relay needs a route for other kinds meanwhile
-    assert_eq!(relay.deliver(&crate::helpers::event("response.completed", "resp_completed01")).await.status(), 200);
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.starts_with("com.openai.response.completed resp_completed01 evt_"), "{stdout}");
+    tokio::time::timeout(4 * WAIT, async {
+        let relay = spawn_relay(Options::default()).await;
+        let mut command = tokio::process::Command::from(relay_cli(&["tail", "--exchange", &relay.topology.exchange, "--binding", "response.*", "--count", "1", "--summary"]));
+        command.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        let mut child = command.spawn().unwrap();
+        // The temporary queue must be bound before the event is published: `tail` says
+        // "following ..." once it is bound and consumed from.
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut said = Vec::new();
+        let following = tokio::time::timeout(WAIT, async {
+            while let Some(line) = stderr.next_line().await.unwrap() {
+                said.push(line);
+                if said.last().unwrap().starts_with("following ") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(following, Ok(true), "tail did not say it was following; stderr: {said:?}");
+        let _keep = relay.bind("#").await; // the relay needs a route for other kinds meanwhile
+        assert_eq!(relay.deliver(&crate::helpers::event("response.completed", "resp_completed01")).await.status(), 200);
+        let output = tokio::time::timeout(WAIT, child.wait_with_output()).await.expect("tail --count 1 exits after one event").unwrap();
+        while let Ok(Some(line)) = stderr.next_line().await {
+            said.push(line);
+        }
+        assert!(output.status.success(), "stderr: {said:?}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.starts_with("com.openai.response.completed resp_completed01 evt_"), "{stdout}");
+    })
+    .await
+    .expect("the test finishes in time");
 }
 
 #[tokio::test]
@@ -74,29 +102,27 @@ async fn replay_dead_moves_dead_letters_back_after_the_cause_is_fixed() {
     let relay = spawn_relay(Options::default().arg("--fetch-max-attempts", 2)).await;
     let queue = relay.bind("#").await;
     relay.openai.always("resp_completed01", Scripted::status(401));
-    assert_eq!(relay.deliver(&crate::helpers::event("response.completed", "resp_completed01")).await.status(), 200);
+    let id = webhook_id();
+    assert_eq!(relay.deliver_as(&id, &crate::helpers::event("response.completed", "resp_completed01")).await.status(), 200);
     let dead = relay.topology.dead();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while relay.amqp.count(&dead).await == 0 {
-        assert!(std::time::Instant::now() < deadline, "never dead-lettered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(WAIT, "dead-lettered", async || (relay.amqp.count(&dead).await > 0).then_some(())).await;
 
     let dry = run(relay_cli(&["replay-dead", "--inbox-queue", &relay.topology.inbox, "--dry-run"])).await;
     assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
     let stdout = String::from_utf8_lossy(&dry.stdout);
-    assert!(stdout.contains("would replay webhook-id=wh_") && stdout.contains("status=401 attempts=2"), "{stdout}");
+    assert!(stdout.contains(&format!("would replay webhook-id={id} ")) && stdout.contains("status=401 attempts=2"), "{stdout}");
     assert!(stdout.contains("would move 1 of 1 dead letters"), "{stdout}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(relay.amqp.count(&dead).await, 1, "a dry run moves nothing");
+    // The dry run took the dead letter without ack; it is back once its connection has gone.
+    assert_eq!(relay.amqp.settled_count(&dead).await, 1, "a dry run moves nothing");
 
     relay.openai.clear("resp_completed01"); // the key is fixed
     let real = run(relay_cli(&["replay-dead", "--inbox-queue", &relay.topology.inbox])).await;
     assert!(real.status.success(), "{}", String::from_utf8_lossy(&real.stderr));
     assert!(String::from_utf8_lossy(&real.stdout).contains("moved 1 of 1 dead letters"));
     let delivery = relay.amqp.next(&queue, Duration::from_secs(10)).await.expect("published after replay");
+    assert_eq!(id_of(&delivery), id);
     let event: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap();
     assert_eq!(event["data"]["response"]["id"], "resp_completed01");
-    assert_eq!(relay.amqp.count(&dead).await, 0);
+    assert_eq!(relay.amqp.settled_count(&dead).await, 0);
     assert_eq!(relay.openai.requests("resp_completed01"), 3, "two failed attempts, one after the replay");
 }

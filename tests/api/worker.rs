@@ -8,7 +8,7 @@ use openai_webhook_relay::inbox::{header, int_header};
 use serde_json::Value;
 
 use crate::fake_openai::Scripted;
-use crate::helpers::{Options, Relay, event, spawn_relay, webhook_id};
+use crate::helpers::{Options, Relay, event, id_of, spawn_relay, webhook_id};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -33,7 +33,7 @@ async fn published(relay: &Relay, queue: &str) -> Delivery {
 
 #[tokio::test]
 async fn response_completed_comes_out_as_the_contracts_cloudevent() {
-    let (relay, queue) = relay_with_queue(Options::default()).await;
+    let (mut relay, queue) = relay_with_queue(Options::default()).await;
     let body = fixture("webhooks/response.completed.json");
     let id = webhook_id();
     assert_eq!(relay.deliver_as(&id, &body).await.status(), 200);
@@ -72,7 +72,7 @@ async fn response_completed_comes_out_as_the_contracts_cloudevent() {
     assert!(!expected_text.is_empty());
     assert_eq!(event["data"]["output_text"], expected_text.as_str());
     assert_eq!(relay.openai.bad_auth(), 0, "fetched with the configured key");
-    assert_eq!(relay.amqp.count(&relay.topology.inbox).await, 0, "inbox message acked");
+    assert_eq!(relay.halt_and_list_left_over().await, Vec::<String>::new(), "inbox message acked");
 }
 
 #[tokio::test]
@@ -164,28 +164,32 @@ async fn gone_object_is_published_with_fetch_error_and_not_retried() {
 
 #[tokio::test]
 async fn wrong_api_key_is_dead_lettered_after_bounded_attempts() {
-    let (relay, queue) = relay_with_queue(Options::default().arg("--fetch-max-attempts", 3)).await;
+    let (mut relay, queue) = relay_with_queue(Options::default().arg("--fetch-max-attempts", 3)).await;
     relay.openai.always("resp_completed01", Scripted::status(401).body(r#"{"error":{"message":"Incorrect API key provided.","type":"invalid_request_error"}}"#));
-    assert_eq!(relay.deliver(&fixture("webhooks/response.completed.json")).await.status(), 200);
+    let id = webhook_id();
+    assert_eq!(relay.deliver_as(&id, &fixture("webhooks/response.completed.json")).await.status(), 200);
 
     let dead = relay.amqp.next(&relay.topology.dead(), WAIT).await.expect("dead-lettered");
     let p = &dead.properties;
     assert_eq!(int_header(p, "x-relay-error-status"), Some(401));
     assert_eq!(int_header(p, "x-relay-attempts"), Some(3));
     assert_eq!(header(p, "x-relay-error-message"), Some("HTTP 401: Incorrect API key provided."));
-    assert!(header(p, "webhook-id").unwrap().starts_with("wh_"), "original headers kept");
+    assert_eq!(header(p, "webhook-id"), Some(id.as_str()), "original headers kept");
     assert_eq!(dead.data, fixture("webhooks/response.completed.json").as_bytes(), "original body kept");
     assert_eq!(relay.openai.requests("resp_completed01"), 3);
     assert!(relay.amqp.next(&queue, Duration::from_millis(300)).await.is_none(), "nothing published");
-    assert_eq!(relay.amqp.count(&relay.topology.inbox).await, 0);
+    assert_eq!(relay.amqp.count(&relay.topology.dead()).await, 0, "dead-lettered once");
+    assert_eq!(relay.halt_and_list_left_over().await, Vec::<String>::new(), "every attempt acked, none still parked");
 }
 
 #[tokio::test]
 async fn permanent_client_error_is_dead_lettered_at_once() {
     let (relay, _queue) = relay_with_queue(Options::default()).await;
     relay.openai.always("resp_bad", Scripted::status(400));
-    assert_eq!(relay.deliver(&event("response.completed", "resp_bad")).await.status(), 200);
+    let id = webhook_id();
+    assert_eq!(relay.deliver_as(&id, &event("response.completed", "resp_bad")).await.status(), 200);
     let dead = relay.amqp.next(&relay.topology.dead(), WAIT).await.expect("dead-lettered");
+    assert_eq!(id_of(&dead), id);
     assert_eq!(int_header(&dead.properties, "x-relay-error-status"), Some(400));
     assert_eq!(int_header(&dead.properties, "x-relay-attempts"), Some(1));
     assert_eq!(relay.openai.requests("resp_bad"), 1);
@@ -194,7 +198,8 @@ async fn permanent_client_error_is_dead_lettered_at_once() {
 #[tokio::test]
 async fn unroutable_event_is_kept_until_a_queue_is_bound() {
     let relay = spawn_relay(Options::default().arg("--fetch-max-attempts", 50).arg("--retry-max-delay-ms", 300)).await;
-    assert_eq!(relay.deliver(&event("batch.completed", "batch_completed01")).await.status(), 200);
+    let id = webhook_id();
+    assert_eq!(relay.deliver_as(&id, &event("batch.completed", "batch_completed01")).await.status(), 200);
     // No queue is bound: the broker returns the event, and the relay keeps retrying it.
     let deadline = Instant::now() + WAIT;
     loop {
@@ -206,23 +211,24 @@ async fn unroutable_event_is_kept_until_a_queue_is_bound() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let queue = relay.bind("batch.*").await;
-    let cloud_event = json(&published(&relay, &queue).await);
-    assert_eq!(cloud_event["data"]["batch"]["id"], "batch_completed01");
+    let delivery = published(&relay, &queue).await;
+    assert_eq!(id_of(&delivery), id);
+    assert_eq!(json(&delivery)["data"]["batch"]["id"], "batch_completed01");
     assert_eq!(relay.amqp.count(&relay.topology.dead()).await, 0);
 }
 
 #[tokio::test]
 async fn duplicate_delivery_is_published_once() {
-    let (relay, queue) = relay_with_queue(Options::default()).await;
+    let (mut relay, queue) = relay_with_queue(Options::default()).await;
     let body = event("response.completed", "resp_completed01");
     let id = webhook_id();
     assert_eq!(relay.deliver_as(&id, &body).await.status(), 200);
     assert_eq!(relay.deliver_as(&id, &body).await.status(), 200, "OpenAI still gets its 2xx");
-    published(&relay, &queue).await;
+    assert_eq!(id_of(&published(&relay, &queue).await), id);
     assert!(relay.amqp.next(&queue, Duration::from_millis(1500)).await.is_none(), "second copy not published");
     let metrics = relay.get("/metrics").await.text().await.unwrap();
     assert!(metrics.contains("relay_duplicates_total 1"), "{metrics}");
-    assert_eq!(relay.amqp.count(&relay.topology.inbox).await, 0, "both copies acked");
+    assert_eq!(relay.halt_and_list_left_over().await, Vec::<String>::new(), "both copies acked");
 }
 
 #[tokio::test]
