@@ -45,7 +45,31 @@ pub async fn declare(connection: &Connection, topology: &Topology) -> lapin::Res
     let mut declared = Declared::default();
     let mut channel = connection.create_channel().await?;
     topology.declare_exchange(&channel).await?;
-    for spec in topology.queue_specs() {
+    // The delay queues first, and the old tiers emptied into them, before the inbox may be
+    // rebuilt: a classic tier dead-letters at-most-once, so one of its messages expiring
+    // while the inbox is being rebuilt would be dropped, whereas the new delay queues hold
+    // theirs until the inbox is back.
+    let (delays, others): (Vec<QueueSpec>, Vec<QueueSpec>) = topology.queue_specs().into_iter().partition(|spec| spec.arguments_target() == Some(topology.inbox.as_str()));
+    for spec in &delays {
+        spec.declare(&channel).await?;
+    }
+    for tier in DELAY_TIERS {
+        let old = format!("{}.retry.{}ms", topology.inbox, tier.as_millis());
+        if exists(connection, &old).await?.is_none() {
+            continue;
+        }
+        // A parked retry keeps its own TTL (its `expiration`), so it lands in the new tier for
+        // that delay; one without goes to the tier of the queue it sat in.
+        declared.moved += drain(connection, &old, |properties| {
+            let delay = properties.expiration().as_ref().and_then(|e| e.as_str().parse().ok()).map_or(tier, Duration::from_millis);
+            topology.delay_queue(delay)
+        })
+        .await?;
+        if delete_if_idle(connection, &old).await? {
+            tracing::info!(queue = %old, "old classic retry queue emptied and deleted");
+        }
+    }
+    for spec in others {
         match spec.declare(&channel).await {
             Ok(()) => {}
             Err(error) if soft_code(&error) == Some(AMQPSoftError::PRECONDITIONFAILED) => {
@@ -63,22 +87,6 @@ pub async fn declare(connection: &Connection, topology: &Topology) -> lapin::Res
         if exists(connection, &staging).await?.is_some() {
             declared.moved += drain(connection, &staging, |_| spec.name.clone()).await?;
             delete_if_idle(connection, &staging).await?;
-        }
-    }
-    for tier in DELAY_TIERS {
-        let old = format!("{}.retry.{}ms", topology.inbox, tier.as_millis());
-        if exists(connection, &old).await?.is_none() {
-            continue;
-        }
-        // A parked retry keeps its own TTL (its `expiration`), so it lands in the new tier for
-        // that delay; one without goes to the tier of the queue it sat in.
-        declared.moved += drain(connection, &old, |properties| {
-            let delay = properties.expiration().as_ref().and_then(|e| e.as_str().parse().ok()).map_or(tier, Duration::from_millis);
-            topology.delay_queue(delay)
-        })
-        .await?;
-        if delete_if_idle(connection, &old).await? {
-            tracing::info!(queue = %old, "old classic retry queue emptied and deleted");
         }
     }
     let _ = channel.close(200, "topology declared".into()).await;

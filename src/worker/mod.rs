@@ -13,10 +13,10 @@ pub mod dedup;
 pub mod retry;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::panic::AssertUnwindSafe;
 
 use futures::{FutureExt, StreamExt};
 use secrecy::SecretString;
@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span};
 
-pub use dedup::{Claim, Dedup};
+pub use dedup::{Claim, Dedup, Store};
 use retry::{Failure, RetryPolicy};
 
 use crate::broker::{Broker, Link, PublishError};
@@ -154,22 +154,11 @@ impl Worker {
         async move {
             // A panic is this delivery's failure, not the process's: it is dead-lettered with
             // the panic message, and its dedup claim is released on the way (see `process`).
-            let disposition = AssertUnwindSafe(self.process(&delivery, project, webhook_id.as_deref())).catch_unwind().await.unwrap_or_else(|panic| self.panicked(&*panic));
+            let disposition = isolated(self.process(&delivery, project, webhook_id.as_deref()), &self.metrics).await;
             self.settle(&delivery, used + 1, disposition, &shutdown).await;
         }
         .instrument(span)
         .await;
-    }
-
-    fn panicked(&self, panic: &(dyn std::any::Any + Send)) -> Disposition {
-        let message = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "panic without a message".to_owned());
-        self.metrics.panics.inc();
-        tracing::error!(panic = %message, "handling the delivery panicked");
-        Disposition::Dead(failure(None, "panic", format!("the relay panicked handling this delivery: {message}"), None))
     }
 
     async fn process(&self, delivery: &Delivery, project: Option<String>, webhook_id: Option<&str>) -> Disposition {
@@ -196,19 +185,8 @@ impl Worker {
             Some(id) => format!("{}/{id}", project.as_deref().unwrap_or("")),
             None => format!("{}/event:{}", project.as_deref().unwrap_or(""), envelope.id),
         };
-        let store = self.dedup.store();
-        match store.claim(&key).await {
-            Claim::Fresh => {}
-            Claim::Duplicate => return Disposition::Duplicate,
-            Claim::Busy => return Disposition::Busy,
-        }
         let work = self.enrich_and_publish(delivery, &envelope, project.as_deref(), settings, webhook_id.unwrap_or_default());
-        let disposition = AssertUnwindSafe(work).catch_unwind().await.unwrap_or_else(|panic| self.panicked(&*panic));
-        match disposition {
-            Disposition::Published => store.complete(&key).await,
-            _ => store.release(&key).await,
-        }
-        disposition
+        claimed(self.dedup.store(), &key, work, &self.metrics).await
     }
 
     async fn enrich_and_publish(
@@ -347,6 +325,80 @@ impl Worker {
     }
 }
 
+/// Runs `work` under the dedup claim on `key`: only a published delivery completes the
+/// claim, anything else (a panic included) releases it, so that a later copy is handled.
+async fn claimed(store: Store<'_>, key: &str, work: impl Future<Output = Disposition>, metrics: &Metrics) -> Disposition {
+    match store.claim(key).await {
+        Claim::Fresh => {}
+        Claim::Duplicate => return Disposition::Duplicate,
+        Claim::Busy => return Disposition::Busy,
+    }
+    let disposition = isolated(work, metrics).await;
+    match disposition {
+        Disposition::Published => store.complete(key).await,
+        _ => store.release(key).await,
+    }
+    disposition
+}
+
+/// A panic while handling a delivery is that delivery's failure, not the process's: it is
+/// dead-lettered with the panic message instead of sitting unacked until the channel closes.
+async fn isolated(work: impl Future<Output = Disposition>, metrics: &Metrics) -> Disposition {
+    AssertUnwindSafe(work).catch_unwind().await.unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic without a message".to_owned());
+        metrics.panics.inc();
+        tracing::error!(panic = %message, "handling the delivery panicked");
+        Disposition::Dead(failure(None, "panic", format!("the relay panicked handling this delivery: {message}"), None))
+    })
+}
+
 fn failure(status: Option<u16>, reason: &str, message: String, retry_after: Option<Duration>) -> Failure {
     Failure { status, reason: reason.to_owned(), message, retry_after }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_dead_letters_its_delivery_and_releases_the_claim() {
+        let memory = dedup::Memory::new(Duration::from_secs(60), 10);
+        let metrics = Metrics::default();
+        let store = Store::Memory(&memory);
+        let work = async { panic!("ShortString exceeds maximum length") };
+        match claimed(store, "p/wh_1", work, &metrics).await {
+            Disposition::Dead(f) => {
+                assert_eq!(f.reason, "panic");
+                assert!(f.message.contains("ShortString exceeds maximum length"), "{}", f.message);
+            }
+            _ => panic!("a panicking delivery must be dead-lettered"),
+        }
+        assert_eq!(metrics.panics.get(), 1);
+        assert_eq!(store.claim("p/wh_1").await, Claim::Fresh, "the claim was released, so a later copy is handled");
+    }
+
+    #[tokio::test]
+    async fn an_id_in_flight_is_busy_and_only_a_published_one_is_a_duplicate() {
+        let memory = dedup::Memory::new(Duration::from_secs(60), 10);
+        let metrics = Metrics::default();
+        let store = Store::Memory(&memory);
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        let first = claimed(store, "p/wh_2", async move {
+            let _ = held.await;
+            Disposition::Published
+        }, &metrics);
+        let second = async {
+            let busy = claimed(store, "p/wh_2", async { Disposition::Published }, &metrics).await;
+            release.send(()).unwrap();
+            busy
+        };
+        let (first, second) = tokio::join!(first, second);
+        assert!(matches!(second, Disposition::Busy), "a copy of a delivery in flight is not acked as a duplicate");
+        assert!(matches!(first, Disposition::Published));
+        assert!(matches!(claimed(store, "p/wh_2", async { Disposition::Published }, &metrics).await, Disposition::Duplicate));
+    }
 }

@@ -365,7 +365,9 @@ async fn messages_held_unacked_are_counted_once_their_consumer_has_gone() {
     let topology = unique_topology();
     let _cleanup = Cleanup::topology(&topology);
     let amqp = Amqp::connect().await;
-    topology.declare(&amqp.channel).await.unwrap();
+    for spec in topology.queue_specs() {
+        spec.declare(&amqp.channel).await.unwrap();
+    }
     let inbox = topology.inbox.as_str();
     for id in ["wh_got", "wh_consumed"] {
         let properties = BasicProperties::default().with_message_id(id.into());

@@ -19,3 +19,4 @@ mod hostile;
 mod projects;
 mod schema;
 mod consumers;
+mod durability;

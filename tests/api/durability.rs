@@ -1,0 +1,126 @@
+//! The worker's loss paths that the review of 4fd3202 demonstrated, each played against the
+//! real broker: an in-flight delivery redelivered after a lost connection while the broker
+//! refuses the event, and a refused publish tearing down the whole connection.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+use crate::fake_openai::Scripted;
+use crate::helpers::{Options, Relay, event, eventually, spawn_relay};
+use crate::proxy::Proxy;
+
+/// A queue bound to everything on the relay's exchange that refuses every message
+/// (`x-max-length: 0`, `reject-publish`): the broker nacks every event the relay publishes,
+/// as it does when a consumer's bounded queue is full.
+async fn refuse_all_events(relay: &Relay) -> String {
+    let name = format!("{}.full", relay.topology.exchange);
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    let channel = &relay.amqp.channel;
+    channel.queue_declare(name.as_str().into(), options, arguments).await.unwrap();
+    channel
+        .queue_bind(name.as_str().into(), relay.topology.exchange.as_str().into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    name
+}
+
+async fn metrics(relay: &Relay) -> String {
+    relay.get("/metrics").await.text().await.unwrap()
+}
+
+/// The value of the metric line that starts with `series` (name and labels).
+fn value(metrics: &str, series: &str) -> f64 {
+    metrics.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+/// Takes events off `queue` until every id of `expected` has come, at most `within`.
+async fn published_ids(relay: &Relay, queue: &str, expected: &HashSet<String>, within: Duration) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    eventually(within, format!("events {expected:?} published"), async || {
+        while let Some(delivery) = relay.amqp.next(queue, Duration::ZERO).await {
+            seen.insert(delivery.properties.message_id().as_ref().unwrap().to_string());
+        }
+        expected.is_subset(&seen).then_some(())
+    })
+    .await;
+    seen
+}
+
+fn event_id(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body).unwrap()["id"].as_str().unwrap().to_owned()
+}
+
+/// Review finding 1 (10 of 10 accepted deliveries lost): the broker connection drops while
+/// slow fetches are in flight; the broker redelivers those deliveries to the re-attached
+/// consumer; meanwhile every event publish is refused. The old worker acked each
+/// redelivered copy as a "duplicate" of the copy still in flight, whose nack then went to a
+/// dead channel. Now a copy in flight is `Busy` (parked), a refused publish parks the
+/// original, and only a published id counts as handled: every event comes out.
+#[tokio::test]
+async fn an_in_flight_delivery_redelivered_after_a_lost_connection_is_not_lost_when_publishes_are_refused() {
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let relay = spawn_relay(Options { amqp_url: proxy.amqp_url(), ..Default::default() }).await;
+    relay.wait_ready().await;
+    let full = refuse_all_events(&relay).await;
+    let mut expected = HashSet::new();
+    for i in 0..5 {
+        let id = format!("resp_inflight{i}");
+        relay.openai.script(&id, [Scripted::status(200).body(&format!(r#"{{"id":"{id}","object":"response","status":"completed","output":[]}}"#)).delay(Duration::from_secs(3))]);
+        let body = event("response.completed", &id);
+        assert_eq!(relay.deliver(&body).await.status(), 200);
+        expected.insert(event_id(&body));
+    }
+    eventually(Duration::from_secs(10), "the worker holds all 5 deliveries in slow fetches", async || {
+        (value(&metrics(&relay).await, "relay_deliveries_in_flight") >= 5.0).then_some(())
+    })
+    .await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.restore();
+    relay.wait_ready().await;
+    // The originals finish their fetch on the new link, are refused and parked; their acks
+    // go to the dead channel and are counted.
+    eventually(Duration::from_secs(15), "acks on the lost channel counted", async || {
+        (value(&metrics(&relay).await, r#"relay_settle_failures_total{op="ack"}"#) >= 1.0).then_some(())
+    })
+    .await;
+    relay.amqp.channel.queue_delete(full.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+    let out = relay.bind("#").await;
+    let seen = published_ids(&relay, &out, &expected, Duration::from_secs(60)).await;
+    assert!(expected.is_subset(&seen));
+    let m = metrics(&relay).await;
+    assert!(value(&m, r#"relay_retries_total{reason="broker_refused"}"#) >= 1.0, "the refused publishes were parked:\n{m}");
+}
+
+/// Review finding 3: a nacked publish replaced the whole connection, consumer included (11
+/// connects in 5 s for 10 nacks). Now only the publishing channel is replaced; the refused
+/// delivery is parked and published once the broker takes it.
+#[tokio::test]
+async fn a_refused_event_is_retried_without_reconnecting() {
+    let relay = spawn_relay(Options::default()).await;
+    let full = refuse_all_events(&relay).await;
+    let mut expected = HashSet::new();
+    for _ in 0..3 {
+        let body = event("something.new", "x_1");
+        assert_eq!(relay.deliver(&body).await.status(), 200);
+        expected.insert(event_id(&body));
+    }
+    eventually(Duration::from_secs(10), "three refused publishes parked", async || {
+        (value(&metrics(&relay).await, r#"relay_retries_total{reason="broker_refused"}"#) >= 3.0).then_some(())
+    })
+    .await;
+    // Deliveries are still taken while the events are refused.
+    assert_eq!(relay.deliver(&event("something.new", "x_1")).await.status(), 200);
+    relay.amqp.channel.queue_delete(full.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+    let out = relay.bind("#").await;
+    published_ids(&relay, &out, &expected, Duration::from_secs(30)).await;
+    let m = metrics(&relay).await;
+    assert_eq!(value(&m, "relay_broker_connects_total"), 1.0, "no reconnect for a refused message:\n{m}");
+    assert_eq!(value(&m, "relay_settle_failures_total{op=\"ack\"}"), 0.0);
+}
