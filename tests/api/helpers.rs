@@ -238,7 +238,27 @@ impl Amqp {
 
     /// Messages ready in `queue` (a passive declare, exact for quorum queues too).
     pub async fn count(&self, queue: &str) -> u32 {
+        self.declare_passive(queue).await.message_count()
+    }
+
+    /// Messages in `queue`, ready or unacked, once no consumer is attached any more (call it
+    /// after stopping the consumers). A quorum queue drops a closed channel's consumer and
+    /// returns its unacked messages in one step, so when a passive declare shows no consumer,
+    /// its count includes them; while a consumer holds them it counts only ready ones.
+    pub async fn count_once_unconsumed(&self, queue: &str) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let declared = self.declare_passive(queue).await;
+            if declared.consumer_count() == 0 {
+                return declared.message_count();
+            }
+            assert!(Instant::now() < deadline, "{queue} still has {} consumers after 15 s", declared.consumer_count());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn declare_passive(&self, queue: &str) -> lapin::Queue {
         let options = QueueDeclareOptions { passive: true, ..Default::default() };
-        self.channel.queue_declare(queue.into(), options, FieldTable::default()).await.unwrap().message_count()
+        self.channel.queue_declare(queue.into(), options, FieldTable::default()).await.unwrap()
     }
 }
