@@ -94,13 +94,15 @@ pub struct ServeArgs {
     /// Largest accepted webhook body in bytes (larger: 413).
     #[arg(long, env = "RELAY_BODY_LIMIT_BYTES", default_value_t = 1024 * 1024)]
     pub body_limit_bytes: usize,
-    /// Webhook requests handled at once; more are answered 503 at once.
-    #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = 4096)]
+    /// Webhook requests handled at once, from reading the body to the answer; more are
+    /// answered 503 at once. Bodies in memory are bounded by this × RELAY_BODY_LIMIT_BYTES.
+    #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = 1024)]
     pub max_in_flight: usize,
     /// Open HTTP connections; more are closed at once.
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: usize,
-    /// Seconds a client has to send a request's headers (also the keep-alive idle limit).
+    /// Seconds a client has to send a request's head (also the keep-alive idle limit), and
+    /// then again to send its body (a webhook body not received in time: 408).
     #[arg(long, env = "RELAY_HEADER_TIMEOUT_SECS", default_value_t = 10)]
     pub header_timeout_secs: u64,
     /// Longest wait for the broker's confirm of one publish, in milliseconds.

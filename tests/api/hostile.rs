@@ -35,9 +35,15 @@ async fn raw_request(addr: &str, head: &[u8], body: &[u8]) -> u16 {
     let mut request = head.to_vec();
     request.extend_from_slice(format!("content-length: {}\r\nconnection: close\r\n\r\n", body.len()).as_bytes());
     request.extend_from_slice(body);
+    exchange(addr, &request).await
+}
+
+/// Sends `request` as raw bytes on a new connection and returns the status code of the
+/// answer (0 when the server closed without one), waiting 5 s at most.
+async fn exchange(addr: &str, request: &[u8]) -> u16 {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     // The server may answer (and close) before reading everything, e.g. 431: ignore write errors.
-    let _ = stream.write_all(&request).await;
+    let _ = stream.write_all(request).await;
     let mut answer = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), async {
         let mut buf = [0u8; 4096];
@@ -246,6 +252,67 @@ async fn inbox_messages_the_worker_cannot_publish_are_dead_lettered_not_lost() {
     // An unacked inbox message returns to ready when the worker's channel closes.
     relay.signal_stop();
     assert_eq!(relay.amqp.count_once_unconsumed(&relay.topology.inbox).await, 0, "messages left in the inbox");
+}
+
+/// Slow uploads are read only under an in-flight permit, each for `RELAY_HEADER_TIMEOUT_SECS`
+/// at most: with 2 permits, of 20 connections that each declare a 1 MiB body and send 64 KiB
+/// of it, 18 are answered 503 at once with their bodies unread, 2 are read and cut off with 408
+/// after the timeout. A signed delivery meanwhile gets 503 (OpenAI retries), then 200.
+#[tokio::test]
+async fn slow_uploads_hold_at_most_the_in_flight_permits_and_are_cut_off() {
+    const UPLOADS: usize = 20;
+    const PERMITS: usize = 2;
+    let timeout = Duration::from_secs(3);
+    let relay = spawn_relay(receiver().arg("--max-in-flight", PERMITS).arg("--header-timeout-secs", timeout.as_secs())).await;
+    let (answered, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    let upload = format!("POST /webhooks/openai HTTP/1.1\r\nhost: relay\r\ncontent-length: {}\r\n\r\n{}", 1024 * 1024, " ".repeat(64 * 1024));
+    for _ in 0..UPLOADS {
+        let (address, upload, answered) = (addr(&relay), upload.clone(), answered.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let status = exchange(&address, upload.as_bytes()).await;
+            answered.send((status, started.elapsed())).unwrap();
+        });
+    }
+    drop(answered); // an upload that panics (no answer within 5 s) ends the loops below
+
+    let mut refused_in = Duration::ZERO;
+    for _ in 0..UPLOADS - PERMITS {
+        let (status, took) = answers.recv().await.expect("every upload is answered");
+        assert_eq!(status, 503, "an upload over the in-flight limit");
+        refused_in = refused_in.max(took);
+    }
+    assert!(refused_in < Duration::from_secs(1), "refusals took up to {refused_in:?}");
+    let metrics = relay.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains(&format!("relay_requests_in_flight {PERMITS}\n")), "{metrics}");
+    // Sent on new connections: by the end, the client's pooled one has been idle for about
+    // the header timeout, and the relay may be closing it just as it is reused.
+    let (id, ts, sig, body) = signed(&relay);
+    let lines = [format!("webhook-id: {id}"), format!("webhook-timestamp: {ts}"), format!("webhook-signature: {sig}")];
+    let delivery = head(&lines.each_ref().map(|line| line.as_bytes()));
+    let status = raw_request(&addr(&relay), &delivery, body.as_bytes()).await;
+    assert_eq!(status, 503, "a signed delivery while slow uploads hold the permits");
+
+    for _ in 0..PERMITS {
+        let (status, took) = answers.recv().await.expect("every upload is answered");
+        assert_eq!(status, 408, "a body not sent within the timeout");
+        assert!(took >= timeout && took < timeout + Duration::from_secs(2), "cut off after {took:?}");
+    }
+    println!("slow uploads: {} refused with 503 within {refused_in:.1?}, {PERMITS} cut off with 408 after {timeout:?}", UPLOADS - PERMITS);
+    assert_eq!(relay.amqp.count(&relay.topology.inbox).await, 0);
+    let status = raw_request(&addr(&relay), &delivery, body.as_bytes()).await;
+    assert_eq!(status, 200, "the same delivery, retried once the slow uploads are gone");
+    assert_eq!(relay.amqp.count(&relay.topology.inbox).await, 1);
+}
+
+/// A body without a declared length (chunked) is cut off as soon as it passes the limit.
+#[tokio::test]
+async fn a_chunked_body_over_the_limit_gets_413() {
+    let relay = spawn_relay(receiver().arg("--body-limit-bytes", 4096)).await;
+    let chunk = "x".repeat(3000);
+    let request = format!("POST /webhooks/openai HTTP/1.1\r\nhost: relay\r\ntransfer-encoding: chunked\r\n\r\nbb8\r\n{chunk}\r\nbb8\r\n{chunk}\r\n0\r\n\r\n");
+    assert_eq!(exchange(&addr(&relay), request.as_bytes()).await, 413);
+    assert_inbox(&relay, 0).await;
 }
 
 /// A captured delivery replayed byte for byte: inside the tolerance it verifies again and is
