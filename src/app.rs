@@ -51,6 +51,8 @@ impl App {
         let broker = Broker::start(&args.amqp_url, topology.clone(), args.role.works(), config.confirm_timeout(), metrics.clone())
             .map_err(|e| anyhow::anyhow!("AMQP_URL is unusable: {e}"))?;
         let draining = CancellationToken::new();
+        // The request head, and then again the body.
+        let header_timeout = Duration::from_secs(args.header_timeout_secs);
         let state = AppState {
             broker: broker.clone(),
             metrics: metrics.clone(),
@@ -64,16 +66,14 @@ impl App {
             ),
             inbox: Inbox::new(broker.clone(), &topology.inbox, metrics.clone()),
             body_limit: args.body_limit_bytes,
+            body_timeout: header_timeout,
             in_flight: Arc::new(Semaphore::new(args.max_in_flight)),
         };
-        // A request never outlives a confirm timeout by much; this bounds slow clients too.
-        let request_timeout = config.confirm_timeout() + Duration::from_secs(10);
+        // A backstop: the handler's own deadlines (the body's, then the confirm's) answer first.
+        let request_timeout = header_timeout + config.confirm_timeout();
         let router = router(state, args.role.receives(), request_timeout);
         let worker = if args.role.works() { Some(worker(&config, broker.clone(), metrics)?) } else { None };
-        let limits = ConnectionLimits {
-            max_connections: args.max_connections,
-            header_timeout: Duration::from_secs(args.header_timeout_secs),
-        };
+        let limits = ConnectionLimits { max_connections: args.max_connections, header_timeout };
         Ok(Self {
             listener,
             router,

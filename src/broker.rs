@@ -32,6 +32,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// rebuild it.
 const OUTDATED_RECHECK: Duration = Duration::from_secs(60);
 
+/// The longest AMQP short string, in bytes. A `message_id`, a `type` and a routing key are
+/// short strings, and lapin panics (instead of returning an error) when given a longer one,
+/// so every outside value that becomes one is refused above this before it gets here: the
+/// `webhook-id` by `Verifier::verify`, the event's `id` and `type` by `Envelope::parse`.
+pub const MAX_SHORT_STRING: usize = lapin::types::MAX_SHORT_STRING_LENGTH;
+
 /// A live connection with declared topology and a confirm-mode channel for publishing.
 #[derive(Clone)]
 pub struct Link {

@@ -94,13 +94,15 @@ pub struct ServeArgs {
     /// Largest accepted webhook body in bytes (larger: 413).
     #[arg(long, env = "RELAY_BODY_LIMIT_BYTES", default_value_t = 1024 * 1024)]
     pub body_limit_bytes: usize,
-    /// Webhook requests handled at once; more are answered 503 at once.
-    #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = 4096)]
+    /// Webhook requests handled at once, from reading the body to the answer; more are
+    /// answered 503 at once. Bodies in memory are bounded by this × RELAY_BODY_LIMIT_BYTES.
+    #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = 1024)]
     pub max_in_flight: usize,
     /// Open HTTP connections; more are closed at once.
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: usize,
-    /// Seconds a client has to send a request's headers (also the keep-alive idle limit).
+    /// Seconds a client has to send a request's head (also the keep-alive idle limit), and
+    /// then again to send its body (a webhook body not received in time: 408).
     #[arg(long, env = "RELAY_HEADER_TIMEOUT_SECS", default_value_t = 10)]
     pub header_timeout_secs: u64,
     /// Longest wait for the broker's confirm of one publish, in milliseconds.
@@ -248,7 +250,35 @@ impl ServeArgs {
         if self.dedup_ttl_secs < MIN_DEDUP_TTL_SECS {
             return Err(ConfigError::Invalid("RELAY_DEDUP_TTL_SECS".into(), format!("must be at least {MIN_DEDUP_TTL_SECS} (OpenAI retries for 72 h)")));
         }
+        self.check_non_zero()?;
+        if self.retry_max_delay_ms < self.retry_initial_delay_ms {
+            return Err(ConfigError::Invalid(
+                "RELAY_RETRY_MAX_DELAY_MS".into(),
+                format!("must be at least RELAY_RETRY_INITIAL_DELAY_MS ({})", self.retry_initial_delay_ms),
+            ));
+        }
         Ok(Config { args: self, projects })
+    }
+
+    /// Settings where 0 starts a process that fails every delivery while `/readyz` says 200
+    /// (every request 503 or 413, every fetch timed out, connections closed at once, all
+    /// retries spent within a second, duplicates never caught): refused at start instead.
+    fn check_non_zero(&self) -> Result<(), ConfigError> {
+        let values: [(&str, u64); 9] = [
+            ("RELAY_MAX_IN_FLIGHT", self.max_in_flight as u64),
+            ("RELAY_CONFIRM_TIMEOUT_MS", self.confirm_timeout_ms),
+            ("RELAY_BODY_LIMIT_BYTES", self.body_limit_bytes as u64),
+            ("RELAY_MAX_CONNECTIONS", self.max_connections as u64),
+            ("RELAY_HEADER_TIMEOUT_SECS", self.header_timeout_secs),
+            ("RELAY_FETCH_TIMEOUT_SECS", self.fetch_timeout_secs),
+            ("RELAY_RETRY_INITIAL_DELAY_MS", self.retry_initial_delay_ms),
+            ("RELAY_DEDUP_WINDOW_SECS", self.dedup_window_secs),
+            ("RELAY_DEDUP_CAPACITY", self.dedup_capacity as u64),
+        ];
+        if let Some((name, _)) = values.iter().find(|(_, value)| *value == 0) {
+            return Err(ConfigError::Invalid((*name).into(), "must be at least 1".into()));
+        }
+        Ok(())
     }
 
     /// One project's secrets and key, required as far as this process's role needs them.
@@ -334,5 +364,29 @@ mod tests {
     fn the_dedup_ttl_covers_openais_retry_window() {
         let err = validate(&["--webhook-secret", SECRET, "--api-key", "sk", "--dedup-ttl-secs", "3600"], &[]).err().expect("refused");
         assert!(err.to_string().starts_with("RELAY_DEDUP_TTL_SECS is unusable"));
+    }
+
+    #[test]
+    fn values_that_fail_every_delivery_are_refused_naming_the_variable() {
+        let cases = [
+            ("--max-in-flight", "0", "RELAY_MAX_IN_FLIGHT"),
+            ("--confirm-timeout-ms", "0", "RELAY_CONFIRM_TIMEOUT_MS"),
+            ("--body-limit-bytes", "0", "RELAY_BODY_LIMIT_BYTES"),
+            ("--max-connections", "0", "RELAY_MAX_CONNECTIONS"),
+            ("--header-timeout-secs", "0", "RELAY_HEADER_TIMEOUT_SECS"),
+            ("--fetch-timeout-secs", "0", "RELAY_FETCH_TIMEOUT_SECS"),
+            ("--retry-initial-delay-ms", "0", "RELAY_RETRY_INITIAL_DELAY_MS"),
+            ("--dedup-window-secs", "0", "RELAY_DEDUP_WINDOW_SECS"),
+            ("--dedup-capacity", "0", "RELAY_DEDUP_CAPACITY"),
+            // Below the default initial delay (1000 ms).
+            ("--retry-max-delay-ms", "999", "RELAY_RETRY_MAX_DELAY_MS"),
+        ];
+        for (flag, value, variable) in cases {
+            let err = validate(&["--webhook-secret", SECRET, "--api-key", "sk", flag, value], &[]).err().expect("refused").to_string();
+            assert!(err.starts_with(&format!("{variable} is unusable: must be at least ")), "{flag} {value}: {err}");
+            assert!(validate(&["--webhook-secret", SECRET, "--api-key", "sk", flag, "1000"], &[]).is_ok(), "{flag} 1000");
+        }
+        let equal = ["--retry-initial-delay-ms", "5000", "--retry-max-delay-ms", "5000"];
+        assert!(validate(&[&["--webhook-secret", SECRET, "--api-key", "sk"][..], &equal].concat(), &[]).is_ok(), "max = initial is fine");
     }
 }

@@ -8,6 +8,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use crate::broker::MAX_SHORT_STRING;
+
 /// The fields of an event the relay acts on. Everything else rides along in the raw body.
 #[derive(Debug, Deserialize)]
 pub struct Envelope {
@@ -42,8 +44,12 @@ impl Envelope {
             return Err(EnvelopeError(serde::de::Error::custom("body is not a JSON object")));
         }
         let envelope: Self = serde_json::from_str(text)?;
-        if envelope.id.is_empty() || envelope.kind.is_empty() {
-            return Err(EnvelopeError(serde::de::Error::custom("empty `id` or `type`")));
+        // Both become AMQP short strings when the event is published (`message_id`, `type`
+        // and the routing key); the worker dead-letters what is refused here.
+        for (field, value) in [("id", &envelope.id), ("type", &envelope.kind)] {
+            if !(1..=MAX_SHORT_STRING).contains(&value.len()) {
+                return Err(EnvelopeError(serde::de::Error::custom(format!("`{field}` must be 1 to {MAX_SHORT_STRING} bytes"))));
+            }
         }
         if envelope.created_at < 0 {
             return Err(EnvelopeError(serde::de::Error::custom("negative `created_at`")));
@@ -152,6 +158,19 @@ mod tests {
         let e = Envelope::parse(br#"{"id":"evt_1","type":"realtime.call.incoming","created_at":1,"data":{"call_id":"rtc_1","sip_headers":[]}}"#).unwrap();
         assert_eq!(e.subject(), Some("rtc_1"));
         assert_eq!(e.target(), None);
+    }
+
+    #[test]
+    fn id_and_type_must_fit_an_amqp_short_string() {
+        let body = |id: &str, kind: &str| format!(r#"{{"id":"{id}","type":"{kind}","created_at":1}}"#);
+        let longest = "e".repeat(MAX_SHORT_STRING);
+        assert!(Envelope::parse(body(&longest, &longest).as_bytes()).is_ok());
+        // Bytes count, not characters: 128 × "é" is 256 bytes.
+        let over = "é".repeat(MAX_SHORT_STRING / 2 + 1);
+        for (id, kind, field) in [(over.as_str(), "x", "id"), ("e", over.as_str(), "type")] {
+            let err = Envelope::parse(body(id, kind).as_bytes()).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{field}` must be 1 to {MAX_SHORT_STRING} bytes")), "{err}");
+        }
     }
 
     #[test]

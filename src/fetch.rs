@@ -194,18 +194,30 @@ fn error_message(body: &[u8]) -> String {
     }
 }
 
+/// The longest delay taken from the API's headers. Whatever a server (or a gateway in front
+/// of it) sends, `1e300` or `inf` included, the delay fits a `Duration`; the retry policy
+/// then caps it at `RELAY_RETRY_MAX_DELAY_MS`.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// `retry-after-ms` (OpenAI's, milliseconds) wins over `Retry-After` (seconds or HTTP date).
+/// Negative and NaN values are no delay at all; larger ones than [`MAX_RETRY_AFTER`] are
+/// clamped to it, before the conversion (`Duration::from_secs_f64` panics on overflow).
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
-    if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        return (ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
-    }
-    let value = text("retry-after")?;
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+    let secs = match text("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        Some(ms) => ms / 1000.0,
+        None => {
+            let value = text("retry-after")?;
+            match value.parse::<u64>() {
+                Ok(secs) => secs as f64,
+                Err(_) => {
+                    let at = httpdate::parse_http_date(value).ok()?;
+                    at.duration_since(SystemTime::now()).unwrap_or_default().as_secs_f64()
+                }
+            }
+        }
+    };
+    (secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64())))
 }
 
 #[cfg(test)]
@@ -235,6 +247,28 @@ mod tests {
         let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
         let got = retry_after(&headers(&[("retry-after", &later)])).unwrap();
         assert!(got > Duration::from_secs(27) && got <= Duration::from_secs(30), "{got:?}");
+    }
+
+    #[test]
+    fn huge_or_odd_retry_after_values_are_clamped_or_ignored_never_a_panic() {
+        let day = Some(MAX_RETRY_AFTER);
+        let far_future = "Fri, 31 Dec 9999 23:59:59 GMT";
+        let u64_max = u64::MAX.to_string();
+        let cases: [(&'static str, &str, Option<Duration>); 9] = [
+            ("retry-after-ms", "1e300", day),
+            ("retry-after-ms", "inf", day),
+            ("retry-after-ms", "1.7976931348623157e308", day),
+            ("retry-after-ms", "NaN", None),
+            ("retry-after-ms", "-1", None),
+            ("retry-after-ms", "-inf", None),
+            ("retry-after", &u64_max, day),
+            ("retry-after", far_future, day),
+            ("retry-after-ms", "86400001", day),
+        ];
+        for (name, value, expected) in cases {
+            assert_eq!(retry_after(&headers(&[(name, value)])), expected, "{name}: {value}");
+        }
+        assert_eq!(retry_after(&headers(&[("retry-after-ms", "86399000")])), Some(Duration::from_secs(86_399)), "under the bound");
     }
 
     #[test]

@@ -40,27 +40,33 @@ impl Inbox {
     /// Stores a verified delivery; returns once the broker has confirmed it, so the caller
     /// may acknowledge it to OpenAI.
     pub async fn store(&self, delivery: &Verified, project: Option<&str>, traceparent: Option<&str>) -> Result<(), PublishError> {
-        let mut headers = FieldTable::default();
-        for (name, value) in [
-            (HEADER_ID, delivery.id()),
-            (HEADER_TIMESTAMP, delivery.timestamp()),
-            (HEADER_SIGNATURE, delivery.signature()),
-        ]
-        .into_iter()
-        .chain(project.map(|p| (HEADER_PROJECT, p)))
-        .chain(traceparent.map(|tp| (HEADER_TRACEPARENT, tp)))
-        {
-            headers.insert(name.into(), AMQPValue::LongString(value.into()));
-        }
-        let properties = BasicProperties::default()
-            .with_delivery_mode(PERSISTENT)
-            .with_content_type("application/json".into())
-            .with_message_id(delivery.id().into())
-            .with_timestamp(unix_now() as u64)
-            .with_headers(headers);
+        let properties = properties(delivery, project, traceparent);
         let message = Outgoing { exchange: "", routing_key: &self.queue, body: delivery.body(), properties };
         self.broker.publish(message, &self.metrics.inbox_store_seconds).await
     }
+}
+
+/// The properties of an inbox message (the format above). Public so that the tests and the
+/// fuzz target build exactly what the receiver stores.
+pub fn properties(delivery: &Verified, project: Option<&str>, traceparent: Option<&str>) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    for (name, value) in [
+        (HEADER_ID, delivery.id()),
+        (HEADER_TIMESTAMP, delivery.timestamp()),
+        (HEADER_SIGNATURE, delivery.signature()),
+    ]
+    .into_iter()
+    .chain(project.map(|p| (HEADER_PROJECT, p)))
+    .chain(traceparent.map(|tp| (HEADER_TRACEPARENT, tp)))
+    {
+        headers.insert(name.into(), AMQPValue::LongString(value.into()));
+    }
+    BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_content_type("application/json".into())
+        .with_message_id(delivery.id().into())
+        .with_timestamp(unix_now() as u64)
+        .with_headers(headers)
 }
 
 pub fn unix_now() -> i64 {

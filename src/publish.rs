@@ -39,22 +39,7 @@ impl EventPublisher {
         traceparent: Option<&str>,
         cloud_event: &[u8],
     ) -> Result<(), PublishError> {
-        let mut headers = FieldTable::default();
-        headers.insert(HEADER_ID.into(), AMQPValue::LongString(webhook_id.into()));
-        if let Some(project) = project {
-            headers.insert(HEADER_PROJECT.into(), AMQPValue::LongString(project.into()));
-        }
-        if let Some(tp) = traceparent {
-            headers.insert(HEADER_TRACEPARENT.into(), AMQPValue::LongString(tp.into()));
-        }
-        let properties = BasicProperties::default()
-            .with_delivery_mode(PERSISTENT)
-            .with_content_type(CONTENT_TYPE.into())
-            .with_message_id(envelope.id.as_str().into())
-            .with_type(envelope.kind.as_str().into())
-            // Never negative: the envelope parser refuses that.
-            .with_timestamp(envelope.created_at.unsigned_abs())
-            .with_headers(headers);
+        let properties = properties(envelope, webhook_id, project, traceparent);
         let message = Outgoing { exchange: &self.exchange, routing_key: &envelope.kind, body: cloud_event, properties };
         let result = self.broker.publish(message, &self.metrics.publish_confirm_seconds).await;
         if matches!(result, Err(PublishError::Unroutable(_))) {
@@ -62,4 +47,26 @@ impl EventPublisher {
         }
         result
     }
+}
+
+/// The properties of an event message (the routing key is `envelope.kind`, the same short
+/// string as `type`). Public so that the tests and the fuzz target build exactly what the
+/// worker publishes.
+pub fn properties(envelope: &Envelope, webhook_id: &str, project: Option<&str>, traceparent: Option<&str>) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(HEADER_ID.into(), AMQPValue::LongString(webhook_id.into()));
+    if let Some(project) = project {
+        headers.insert(HEADER_PROJECT.into(), AMQPValue::LongString(project.into()));
+    }
+    if let Some(tp) = traceparent {
+        headers.insert(HEADER_TRACEPARENT.into(), AMQPValue::LongString(tp.into()));
+    }
+    BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_content_type(CONTENT_TYPE.into())
+        .with_message_id(envelope.id.as_str().into())
+        .with_type(envelope.kind.as_str().into())
+        // Never negative: the envelope parser refuses that.
+        .with_timestamp(envelope.created_at.unsigned_abs())
+        .with_headers(headers)
 }

@@ -14,6 +14,8 @@ use base64::engine::{DecodePaddingMode, general_purpose};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::broker::MAX_SHORT_STRING;
+
 type HmacSha256 = Hmac<Sha256>;
 
 pub const HEADER_ID: &str = "webhook-id";
@@ -102,7 +104,7 @@ impl Secret {
     }
 }
 
-/// How a delivery fails verification. The first three are malformed requests (400), the
+/// How a delivery fails verification. The first four are malformed requests (400), the
 /// rest are unauthenticated ones (401).
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum VerifyError {
@@ -112,6 +114,8 @@ pub enum VerifyError {
     MalformedHeader(&'static str),
     #[error("webhook-timestamp is not a Unix time in seconds")]
     MalformedTimestamp,
+    #[error("header webhook-id is longer than {MAX_SHORT_STRING} bytes")]
+    IdTooLong,
     #[error("webhook timestamp is too old")]
     TooOld,
     #[error("webhook timestamp is too new")]
@@ -132,6 +136,7 @@ impl VerifyError {
             Self::MissingHeader(_) => "missing_header",
             Self::MalformedHeader(_) => "malformed_header",
             Self::MalformedTimestamp => "malformed_timestamp",
+            Self::IdTooLong => "id_too_long",
             Self::TooOld => "too_old",
             Self::TooNew => "too_new",
             Self::NoMatchingSignature => "bad_signature",
@@ -183,6 +188,10 @@ impl Verifier {
         let id = single_header(headers, HEADER_ID)?;
         let timestamp = single_header(headers, HEADER_TIMESTAMP)?;
         let signature = single_header(headers, HEADER_SIGNATURE)?;
+        // The id becomes the inbox message's `message_id`, an AMQP short string.
+        if id.len() > MAX_SHORT_STRING {
+            return Err(VerifyError::IdTooLong);
+        }
 
         // Digits only: the SDKs' lax parsers accept "+123" or "123.5", which we do not need.
         if timestamp.len() > 18 || !timestamp.bytes().all(|b| b.is_ascii_digit()) {

@@ -14,8 +14,10 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use openai_webhook_relay::broker::MAX_SHORT_STRING;
 use openai_webhook_relay::envelope::Envelope;
 use openai_webhook_relay::verify::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, SecretError, Verifier, VerifyError};
+use openai_webhook_relay::{inbox, publish};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
@@ -241,6 +243,27 @@ proptest! {
         prop_assert_eq!(early.unwrap_err(), VerifyError::TooNew);
     }
 
+    /// A correctly signed delivery verifies exactly when its id fits an AMQP short string (the
+    /// inbox message's `message_id`): a longer one is malformed (400), never a panic when the
+    /// receiver builds the inbox message.
+    #[test]
+    fn a_signed_delivery_verifies_only_with_an_id_that_fits_the_inbox(
+        d in delivery(),
+        id in prop_oneof![
+            "[!-~]{1,600}",
+            (MAX_SHORT_STRING - 4..MAX_SHORT_STRING + 4).prop_map(|n| "w".repeat(n)),
+        ],
+    ) {
+        let d = Delivery { id, ..d };
+        let result = d.verifier().verify(&headers(&d.id, &d.timestamp, &d.signature()), Bytes::from(d.body.clone()), d.now);
+        if d.id.len() <= MAX_SHORT_STRING {
+            let verified = result.map_err(|e| TestCaseError::fail(format!("refused a {}-byte id: {e}", d.id.len())))?;
+            let _ = inbox::properties(&verified, None, None);
+        } else {
+            prop_assert_eq!(result.unwrap_err(), VerifyError::IdTooLong);
+        }
+    }
+
     /// Any single changed byte of body, id, timestamp or signature of a valid delivery
     /// makes it fail (changes a `HeaderValue` cannot carry never reach the verifier).
     #[test]
@@ -344,6 +367,16 @@ fn json_value() -> impl Strategy<Value = Value> {
     })
 }
 
+/// Strings around the AMQP short-string limit of 255 bytes: short ones (often multi-byte
+/// characters), ASCII ones of 240–270 bytes, and long multi-byte ones.
+fn short_string_or_longer() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => "\\PC{0,40}",
+        2 => "[a-z._]{240,270}",
+        1 => "\\PC{60,200}",
+    ]
+}
+
 fn reserved(key: &str) -> bool {
     matches!(key, "id" | "type" | "created_at" | "data" | "object")
 }
@@ -373,14 +406,15 @@ proptest! {
         }
     }
 
-    /// Any JSON object with non-empty string `id` and `type` and a non-negative integer
-    /// `created_at` is accepted, whatever other fields it carries, in any formatting and key
-    /// order, with `object` absent or `"event"`, and `data` absent or an object whose `id`
-    /// (if any) is a string. Empty `id` or `type` is refused.
+    /// Any JSON object with string `id` and `type` of 1 to 255 bytes (they become AMQP short
+    /// strings) and a non-negative integer `created_at` is accepted, whatever other fields it
+    /// carries, in any formatting and key order, with `object` absent or `"event"`, and `data`
+    /// absent or an object whose `id` (if any) is a string; the worker can build its event
+    /// message. An empty or longer `id` or `type` is refused.
     #[test]
     fn envelope_parse_accepts_every_event_object(
-        id in "\\PC{0,40}",
-        kind in "\\PC{0,40}",
+        id in short_string_or_longer(),
+        kind in short_string_or_longer(),
         created_at in prop_oneof![Just(0i64), Just(i64::MAX), 0i64..=i64::MAX, 1_600_000_000i64..2_000_000_000],
         with_object_field in any::<bool>(),
         extra in vec(("\\PC{1,12}", json_value()), 0..6),
@@ -408,7 +442,8 @@ proptest! {
         let value = Value::Object(object);
         let bytes = if pretty { serde_json::to_vec_pretty(&value).unwrap() } else { serde_json::to_vec(&value).unwrap() };
         let parsed = Envelope::parse(&bytes);
-        if id.is_empty() || kind.is_empty() {
+        let fits = |s: &str| (1..=MAX_SHORT_STRING).contains(&s.len());
+        if !fits(&id) || !fits(&kind) {
             prop_assert!(parsed.is_err());
         } else {
             let envelope = parsed.map_err(|e| TestCaseError::fail(format!("{e}: {}", String::from_utf8_lossy(&bytes))))?;
@@ -417,6 +452,7 @@ proptest! {
             prop_assert_eq!(envelope.created_at, created_at);
             let subject = data.as_ref().and_then(|d| d.get("id")).and_then(Value::as_str);
             prop_assert_eq!(envelope.subject(), subject);
+            let _ = publish::properties(&envelope, "wh_1", None, None);
         }
     }
 }
@@ -455,6 +491,15 @@ fn mutate(rng: &mut fastrand::Rng, input: &mut Vec<u8>) {
     }
 }
 
+/// `prefix` and a number, or one time in eight 240–300 bytes, around the AMQP short-string limit.
+fn sometimes_long(rng: &mut fastrand::Rng, prefix: &str) -> String {
+    if rng.u8(0..8) == 0 {
+        format!("{prefix}{}", "x".repeat(rng.usize(240..300) - prefix.len()))
+    } else {
+        format!("{prefix}{}", rng.u32(..))
+    }
+}
+
 /// Runs `fuzz_receive::receive` (what `cargo fuzz run receive` calls) on ~20k inputs:
 /// the seed corpus, mutations of it, structured and random inputs. Deterministic; set
 /// `FUZZ_SEED` to explore other inputs.
@@ -488,8 +533,9 @@ fn bounded_fuzz_of_the_receive_path() {
             2 => {
                 let ts = (fuzz_receive::OPENAI_TIMESTAMP + rng.i64(-400..=400)).to_string();
                 let sig = format!("v1,{}", STANDARD.encode((0..32).map(|_| rng.u8(..)).collect::<Vec<_>>()));
-                let body = json!({"id": format!("evt_{}", rng.u64(..)), "type": "response.completed", "created_at": rng.i64(..), "data": {"id": "resp_1"}});
-                fuzz_receive::encode(if rng.bool() { 0 } else { rng.u8(..) }, format!("wh_{}", rng.u32(..)).as_bytes(), ts.as_bytes(), sig.as_bytes(), body.to_string().as_bytes())
+                let (id, event_id, kind) = (sometimes_long(&mut rng, "wh_"), sometimes_long(&mut rng, "evt_"), sometimes_long(&mut rng, "response."));
+                let body = json!({"id": event_id, "type": kind, "created_at": rng.i64(..), "data": {"id": "resp_1"}});
+                fuzz_receive::encode(if rng.bool() { 0 } else { rng.u8(..) }, id.as_bytes(), ts.as_bytes(), sig.as_bytes(), body.to_string().as_bytes())
             }
             _ => (0..rng.usize(0..300)).map(|_| rng.u8(..)).collect(),
         };

@@ -3,6 +3,8 @@
 //! Bodies are short JSON (`{"error": "..."}`) and never carry internals such as broker
 //! addresses. Each failure is logged here, once, inside the request's span.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -24,6 +26,8 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("request body could not be read: {0}")]
     UnreadableBody(String),
+    #[error("request body not received within {0:?}")]
+    SlowBody(Duration),
     #[error("no such project")]
     UnknownProject,
     #[error("too many webhook requests in flight")]
@@ -38,6 +42,7 @@ impl ApiError {
             Self::Verify(e) if e.is_unauthorized() => StatusCode::UNAUTHORIZED,
             Self::Verify(_) | Self::NotAnEvent(_) | Self::UnreadableBody(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UnknownProject => StatusCode::NOT_FOUND,
             Self::Busy | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -51,6 +56,7 @@ impl ApiError {
             Self::NotAnEvent(_) => "not_an_event",
             Self::TooLarge(_) => "too_large",
             Self::UnreadableBody(_) => "unreadable",
+            Self::SlowBody(_) => "slow_body",
             Self::UnknownProject => "unknown_project",
             Self::Busy => "busy",
             Self::Unavailable(_) => "unavailable",

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use tokio::sync::Semaphore;
@@ -36,6 +35,8 @@ pub struct AppState {
     pub verifiers: Arc<HashMap<Option<String>, Verifier>>,
     pub inbox: Inbox,
     pub body_limit: usize,
+    /// Time a client has to send a webhook body once its head arrived.
+    pub body_timeout: Duration,
     pub in_flight: Arc<Semaphore>,
 }
 
@@ -46,10 +47,10 @@ pub fn router(state: AppState, receiver: bool, request_timeout: Duration) -> Rou
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics));
     if receiver {
-        let limit = DefaultBodyLimit::max(state.body_limit);
+        // No `DefaultBodyLimit`: the handler reads the body itself, under its in-flight permit.
         router = router
-            .route("/webhooks/openai", post(receive::receive).layer(limit))
-            .route("/webhooks/openai/{project}", post(receive::receive_project).layer(limit));
+            .route("/webhooks/openai", post(receive::receive))
+            .route("/webhooks/openai/{project}", post(receive::receive_project));
     }
     router
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, request_timeout))

@@ -94,6 +94,18 @@ fn repeated_or_empty_header_is_malformed() {
 }
 
 #[test]
+fn an_id_too_long_for_the_inbox_is_malformed_even_when_signed() {
+    let secret = Secret::parse(OPENAI_SECRET).unwrap();
+    for (len, expected) in [(MAX_SHORT_STRING, Ok(())), (MAX_SHORT_STRING + 1, Err(VerifyError::IdTooLong))] {
+        let id = "w".repeat(len);
+        let sig = secret.sign(&id, "1750861210", OPENAI_PAYLOAD.as_bytes());
+        let result = check(&verifier(OPENAI_SECRET), &id, OPENAI_TIMESTAMP, &sig, OPENAI_PAYLOAD, OPENAI_TIMESTAMP);
+        assert_eq!(result.map(|_| ()), expected, "{len} bytes");
+    }
+    assert!(!VerifyError::IdTooLong.is_unauthorized(), "a 400, not a 401");
+}
+
+#[test]
 fn non_numeric_timestamps_are_malformed() {
     for ts in ["not-a-number", "1.5", "+1750861210", "-5", "1750861210suffix", "99999999999999999999"] {
         let map = headers(OPENAI_ID, ts, OPENAI_SIGNATURE);

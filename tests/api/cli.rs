@@ -62,6 +62,32 @@ async fn send_reports_a_refused_delivery_with_a_non_zero_exit() {
 }
 
 #[tokio::test]
+async fn serve_refuses_a_setting_that_would_fail_every_delivery_with_exit_code_2() {
+    let mut command = relay_cli(&["serve"]);
+    command
+        .env("OPENAI_WEBHOOK_SECRET", secret_text())
+        .env("OPENAI_API_KEY", "sk-test")
+        .env("RELAY_LISTEN", "127.0.0.1:0")
+        .env("RELAY_MAX_IN_FLIGHT", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    // Accepted by mistake, it would serve until stopped: give it 10 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the relay started with RELAY_MAX_IN_FLIGHT=0");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim_end(), "error: RELAY_MAX_IN_FLIGHT is unusable: must be at least 1");
+}
+
+#[tokio::test]
 async fn tail_prints_events_as_they_arrive() {
     tokio::time::timeout(4 * WAIT, async {
         let relay = spawn_relay(Options::default()).await;

@@ -113,6 +113,21 @@ async fn malformed_deliveries_get_400_and_never_reach_the_inbox() {
     assert_eq!(relay.amqp.count(&relay.topology.inbox).await, 0);
 }
 
+/// The `webhook-id` becomes the inbox message's `message_id`, an AMQP short string of at most
+/// 255 bytes (lapin panics on a longer one: the connection used to close without an answer).
+#[tokio::test]
+async fn a_webhook_id_over_255_bytes_gets_400_and_is_not_stored() {
+    let relay = spawn_relay(receiver()).await;
+    let id = format!("wh_{}", "x".repeat(297));
+    let response = relay.deliver_as(&id, &event("response.completed", "resp_1")).await;
+    assert_eq!(response.status(), 400);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(answer["error"], "header webhook-id is longer than 255 bytes");
+    assert_eq!(relay.amqp.count(&relay.topology.inbox).await, 0);
+    let metrics = relay.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains(r#"relay_verify_failures_total{reason="id_too_long"} 1"#), "{metrics}");
+}
+
 #[tokio::test]
 async fn body_over_the_limit_gets_413() {
     let relay = spawn_relay(receiver().arg("--body-limit-bytes", 4096)).await;

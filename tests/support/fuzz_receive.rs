@@ -22,8 +22,10 @@ use std::sync::OnceLock;
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use openai_webhook_relay::broker::MAX_SHORT_STRING;
 use openai_webhook_relay::envelope::{self, Envelope};
-use openai_webhook_relay::verify::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, Verifier};
+use openai_webhook_relay::verify::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, Verified, Verifier, VerifyError};
+use openai_webhook_relay::{inbox, publish};
 
 /// openai-python tests/lib/test_webhooks.py (same values in openai-node).
 pub const OPENAI_SECRET: &str = "whsec_RdvaYFYUXuIFuEbvZHwMfYFhUf7aMYjYcmM24+Aj40c=";
@@ -72,9 +74,11 @@ pub fn openai_vector() -> Vec<u8> {
 }
 
 /// Runs one input through the handler's code path: `Verifier::verify`, then on `Ok`
-/// `Envelope::parse` (and what the worker does with the stored body). Then signs the fuzzed
-/// body with the fixed key and checks that it verifies, and that a tampered or foreign-key
-/// variant does not. Panics (an assertion) on any violated property.
+/// `Envelope::parse` (and what the worker does with the stored body), up to the properties of
+/// the AMQP messages both would publish. Then signs the fuzzed body with the fixed key and
+/// checks that it verifies (unless the id is too long for the inbox), and that a tampered or
+/// foreign-key variant does not. Panics (an assertion, or lapin's on an oversized AMQP short
+/// string) on any violated property.
 pub fn receive(data: &[u8]) {
     let Some((&flags, rest)) = data.split_first() else { return };
     let mut parts = rest.splitn(4, |&b| b == b'\n');
@@ -113,7 +117,7 @@ pub fn receive(data: &[u8]) {
                 verified.signature().split_ascii_whitespace().any(|entry| expected.iter().any(|e| e == entry)),
                 "verified without a signature made with a configured key"
             );
-            after_verify(verified.body());
+            after_verify(&verified);
         }
         Err(error) => {
             // Exercise the mapping to an HTTP answer.
@@ -121,18 +125,21 @@ pub fn receive(data: &[u8]) {
         }
     }
 
-    // 2. The same body, signed as OpenAI would with the fixed key, always verifies.
+    // 2. The same body, signed as OpenAI would with the fixed key, always verifies, unless
+    //    its id does not fit the inbox message's `message_id`.
     let sign_id = std::str::from_utf8(id).ok().filter(|s| usable_id(s)).unwrap_or("wh_fuzz");
     let ts = NOW.to_string();
     let good = fixture.signer.sign(sign_id, &ts, body);
     let headers = signed_headers(sign_id, &ts, &good);
-    let verified = fixture
-        .verifier
-        .verify(&headers, Bytes::copy_from_slice(body), NOW)
-        .unwrap_or_else(|e| panic!("a correctly signed delivery was refused: {e}"));
-    assert_eq!(verified.body().as_ref(), body);
-    assert_eq!(verified.id(), sign_id);
-    after_verify(verified.body());
+    match fixture.verifier.verify(&headers, Bytes::copy_from_slice(body), NOW) {
+        Ok(verified) => {
+            assert_eq!(verified.body().as_ref(), body);
+            assert_eq!(verified.id(), sign_id);
+            after_verify(&verified);
+        }
+        Err(VerifyError::IdTooLong) => assert!(sign_id.len() > MAX_SHORT_STRING, "an id of {} bytes refused as too long", sign_id.len()),
+        Err(e) => panic!("a correctly signed delivery was refused: {e}"),
+    }
 
     // ... but not under a verifier that lacks the key, nor with the body changed.
     assert!(fixture.other_only.verify(&headers, Bytes::copy_from_slice(body), NOW).is_err(), "verified with a key that is not configured");
@@ -144,8 +151,11 @@ pub fn receive(data: &[u8]) {
     assert!(fixture.verifier.verify(&headers, Bytes::from(tampered), NOW).is_err(), "a changed body verified");
 }
 
-/// What the receiver (and later the worker) does with a verified body.
-fn after_verify(body: &[u8]) {
+/// What the receiver (and later the worker) does with a verified delivery: the inbox message,
+/// and for an event, the event message (lapin panics on an id or type that does not fit).
+fn after_verify(verified: &Verified) {
+    let _ = inbox::properties(verified, None, None);
+    let body = verified.body().as_ref();
     if let Ok(envelope) = Envelope::parse(body) {
         assert!(!envelope.id.is_empty() && !envelope.kind.is_empty());
         let _ = (envelope.subject(), envelope.target().map(|t| (t.kind.field(), t.kind.path(), t.id)));
@@ -154,6 +164,7 @@ fn after_verify(body: &[u8]) {
         if let Err(e) = envelope::raw(body) {
             panic!("an accepted envelope is not embeddable JSON ({e}): {:?}", String::from_utf8_lossy(body));
         }
+        let _ = publish::properties(&envelope, verified.id(), None, None);
     }
 }
 
