@@ -73,7 +73,8 @@ impl Link {
         if self.channel().id() != failed.id() {
             return; // another publish already replaced it
         }
-        let _ = failed.close(200, "replacing the publishing channel".into()).await;
+        // Not closed here: publishes still in flight on it (a receiver's inbox store, say)
+        // get their own confirms; lapin closes it when the last of them drops its handle.
         match open_publisher(&self.connection).await {
             Ok(channel) => *self.publisher.channel.write().expect("publisher lock") = channel,
             Err(error) => {

@@ -36,7 +36,8 @@ pub async fn receive_project(
     respond(&state, Some(project), &headers, body).await
 }
 
-#[tracing::instrument(name = "receive", skip_all, fields(project = project.as_deref().unwrap_or("default"), webhook_id, event_id, event_type, object_id))]
+/// The span is at warn level so that its ids stay on every warning at `RUST_LOG=warn`.
+#[tracing::instrument(name = "receive", level = "warn", skip_all, fields(project = project.as_deref().unwrap_or("default"), webhook_id, event_id, event_type, object_id))]
 async fn respond(state: &AppState, project: Option<String>, headers: &HeaderMap, body: Body) -> Response {
     let result = handle(state, project, headers, body).await;
     let outcome = result.as_ref().map_or_else(ApiError::outcome, |_| "accepted");

@@ -75,7 +75,7 @@ pub async fn declare(connection: &Connection, topology: &Topology) -> lapin::Res
             Err(error) if soft_code(&error) == Some(AMQPSoftError::PRECONDITIONFAILED) => {
                 // The 406 closed the channel.
                 channel = connection.create_channel().await?;
-                if !rebuild(connection, &spec, &mut declared).await? {
+                if !rebuild(connection, &spec).await? {
                     declared.outdated.push(spec.name.clone());
                     continue;
                 }
@@ -99,7 +99,7 @@ fn staging_name(queue: &str) -> String {
 
 /// Rebuilds `spec`'s queue under its new arguments when nobody consumes it; `false` when it
 /// has to stay as it is for now.
-async fn rebuild(connection: &Connection, spec: &QueueSpec, declared: &mut Declared) -> lapin::Result<bool> {
+async fn rebuild(connection: &Connection, spec: &QueueSpec) -> lapin::Result<bool> {
     let Some((_, consumers)) = exists(connection, &spec.name).await? else { return Ok(true) };
     if consumers > 0 {
         tracing::warn!(queue = %spec.name, consumers, "queue was declared by an older version with other arguments and has consumers; using it as it is until no other process consumes it");
@@ -117,7 +117,7 @@ async fn rebuild(connection: &Connection, spec: &QueueSpec, declared: &mut Decla
         return Ok(false);
     }
     spec.declare(&channel).await?;
-    declared.moved += moved;
+    // Its messages go back from the staging queue right after (counted there).
     tracing::warn!(queue = %spec.name, moved, "queue rebuilt with the current arguments");
     Ok(true)
 }
@@ -137,14 +137,15 @@ async fn exists(connection: &Connection, queue: &str) -> lapin::Result<Option<(u
     }
 }
 
-/// Deletes `queue` if it holds no ready message and has no consumer (quorum queues do not
-/// support `if-empty`); `true` if it is gone.
+/// Deletes `queue` if it holds no ready message and has no consumer, as a passive declare
+/// shows them just before (quorum queues support neither `if-empty` nor `if-unused`, and
+/// ask for them closes the connection); `true` if it is gone.
 async fn delete_if_idle(connection: &Connection, queue: &str) -> lapin::Result<bool> {
     match exists(connection, queue).await? {
         None => Ok(true),
         Some((0, 0)) => {
             let channel = connection.create_channel().await?;
-            channel.queue_delete(queue.into(), QueueDeleteOptions { if_unused: true, ..Default::default() }).await?;
+            channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
             let _ = channel.close(200, "deleted".into()).await;
             Ok(true)
         }

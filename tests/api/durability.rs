@@ -39,16 +39,21 @@ fn value(metrics: &str, series: &str) -> f64 {
     metrics.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 
-/// Takes events off `queue` until every id of `expected` has come, at most `within`.
+/// Takes events off `queue` until every id of `expected` has come, at most `within`; on
+/// failure shows the relay's metrics (where did the rest go?).
 async fn published_ids(relay: &Relay, queue: &str, expected: &HashSet<String>, within: Duration) -> HashSet<String> {
     let mut seen = HashSet::new();
-    eventually(within, format!("events {expected:?} published"), async || {
+    let deadline = std::time::Instant::now() + within;
+    while !expected.is_subset(&seen) {
         while let Some(delivery) = relay.amqp.next(queue, Duration::ZERO).await {
             seen.insert(delivery.properties.message_id().as_ref().unwrap().to_string());
         }
-        expected.is_subset(&seen).then_some(())
-    })
-    .await;
+        if std::time::Instant::now() > deadline {
+            let missing: Vec<_> = expected.difference(&seen).collect();
+            panic!("not published after {within:?}: {missing:?}; relay metrics:\n{}", metrics(relay).await);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     seen
 }
 

@@ -20,3 +20,4 @@ mod projects;
 mod schema;
 mod consumers;
 mod durability;
+mod migration;

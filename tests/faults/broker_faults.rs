@@ -63,13 +63,21 @@ async fn broker_refusing_publishes_gets_503_and_recovers() {
     let policy = format!("{inbox}.limit");
     let pattern = format!("^{}$", inbox.replace('.', "\\."));
     let (p, pat) = (policy.clone(), pattern.clone());
+    // Only a length limit, as an operator would add it: the inbox's own `x-overflow:
+    // reject-publish` makes it refuse publishes instead of dropping the oldest deliveries
+    // (RabbitMQ's default, `drop-head`, would silently lose deliveries already answered 200).
+    let (q, name) = (inbox.clone(), policy.clone());
     tokio::task::spawn_blocking(move || {
-        rabbitmqctl(&["set_policy", "--apply-to", "queues", &p, &pat, r#"{"max-length":20,"overflow":"reject-publish"}"#])
+        rabbitmqctl(&["set_policy", "--apply-to", "queues", &p, &pat, r#"{"max-length":20}"#]);
+        // RabbitMQ applies policies asynchronously.
+        let started = std::time::Instant::now();
+        while !crate::harness::queue_policies().iter().any(|(queue, applied)| *queue == q && *applied == name) {
+            assert!(started.elapsed() < Duration::from_secs(10), "policy {name} not applied to {q} after 10 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     })
     .await
     .unwrap();
-    // RabbitMQ applies policies asynchronously.
-    tokio::time::sleep(Duration::from_secs(1)).await;
 
     let stop = CancellationToken::new();
     let senders = tokio::spawn(load(receiver.url(), 4, usize::MAX, stop.clone(), passthrough()));

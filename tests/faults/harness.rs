@@ -300,6 +300,18 @@ pub fn queue_counts() -> Vec<(String, u64, u64)> {
         .collect()
 }
 
+/// `(queue, policy)` for every queue of the default vhost that has a policy applied.
+pub fn queue_policies() -> Vec<(String, String)> {
+    let output = Command::new("rabbitmqctl").args(["list_queues", "-q", "--no-table-headers", "name", "policy"]).output().expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
+        })
+        .collect()
+}
+
 pub fn rabbitmqctl(args: &[&str]) {
     let status = Command::new("rabbitmqctl").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().expect("rabbitmqctl runs");
     assert!(status.success(), "rabbitmqctl {args:?} failed");
