@@ -273,3 +273,34 @@ async fn traceparent_is_carried_into_the_published_event() {
     let delivery = published(&relay, &queue).await;
     assert_eq!(header(&delivery.properties, "traceparent"), Some(traceparent));
 }
+
+/// Something other than the receiver may put a message into the inbox without a
+/// `webhook-id` (the inbox format is a contract). Each such message is its own delivery,
+/// keyed by its event id: none is skipped as a duplicate of another.
+#[tokio::test]
+async fn messages_without_a_webhook_id_are_not_duplicates_of_each_other() {
+    use lapin::BasicProperties;
+    use lapin::options::BasicPublishOptions;
+
+    let (mut relay, queue) = relay_with_queue(Options::default()).await;
+    let bodies = [event("something.new", "x_1"), event("something.new", "x_1")];
+    let mut event_ids: Vec<String> = bodies.iter().map(|body| serde_json::from_str::<Value>(body).unwrap()["id"].as_str().unwrap().to_owned()).collect();
+    assert_ne!(event_ids[0], event_ids[1]);
+    for body in &bodies {
+        let properties = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+        let inbox = relay.topology.inbox.as_str();
+        relay.amqp.channel.basic_publish("".into(), inbox.into(), BasicPublishOptions::default(), body.as_bytes(), properties).await.unwrap();
+    }
+
+    let mut published = Vec::new();
+    for _ in &bodies {
+        let delivery = relay.amqp.next(&queue, WAIT).await.unwrap_or_else(|| panic!("only {published:?} of {event_ids:?} published"));
+        published.push(delivery.properties.message_id().as_ref().expect("the CloudEvent id").to_string());
+    }
+    published.sort();
+    event_ids.sort();
+    assert_eq!(published, event_ids, "both published");
+    let metrics = relay.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("relay_duplicates_total 0"), "{metrics}");
+    assert_eq!(relay.halt_and_list_left_over().await, Vec::<String>::new(), "both acked");
+}
