@@ -1,4 +1,5 @@
-//! Running the relay: shutdown, and broker connections that go away.
+//! Running the relay: shutdown, broker connections that go away, and a message the broker
+//! keeps handing out.
 
 use std::time::Duration;
 
@@ -242,4 +243,44 @@ async fn on_a_stop_signal_readiness_fails_first_while_deliveries_are_still_taken
     assert_eq!(relay.deliver_as(&id, &event("response.completed", "resp_1")).await.status(), 200, "still served while draining");
     assert_eq!(relay.take_stored_ids().await, [id]);
     tokio::time::timeout(Duration::from_secs(10), relay.stop()).await.expect("stops after the drain delay").unwrap();
+}
+
+/// A message the broker hands out more often than the inbox's delivery limit (a worker that
+/// crashes on it every time, a reconnect storm) is dead-lettered to `<inbox>.dead`, never
+/// dropped, which RabbitMQ 4.0-4.2 otherwise does after 20 returns.
+///
+/// Each return here is a `basic.reject` with requeue: every RabbitMQ version counts it
+/// (from 4.3 on, a `basic.nack` with requeue no longer counts towards the limit).
+#[tokio::test]
+async fn an_inbox_message_handed_out_past_the_delivery_limit_ends_in_the_dead_letter_queue() {
+    use lapin::options::{BasicGetOptions, BasicRejectOptions};
+    use openai_webhook_relay::topology::INBOX_DELIVERY_LIMIT;
+
+    // Receiver only: nothing consumes the inbox but this test.
+    let relay = spawn_relay(Options::default().role("receiver")).await;
+    let id = webhook_id();
+    assert_eq!(relay.deliver_as(&id, &event("response.completed", "resp_1")).await.status(), 200);
+    let (inbox, dead) = (relay.topology.inbox.as_str(), relay.topology.dead());
+    let mut handed_out = 0;
+    eventually(Duration::from_secs(60), "the message leaves the inbox for the dead-letter queue", async || {
+        match relay.amqp.channel.basic_get(inbox.into(), BasicGetOptions { no_ack: false }).await.unwrap() {
+            Some(message) => {
+                handed_out += 1;
+                assert!(handed_out <= INBOX_DELIVERY_LIMIT + 5, "handed out {handed_out} times and still in the inbox");
+                message.delivery.acker.reject(BasicRejectOptions { requeue: true }).await.unwrap();
+                None
+            }
+            // Between a return and the next get, or gone: see where.
+            None => (relay.amqp.count(&dead).await > 0).then_some(()),
+        }
+    })
+    .await;
+    assert!(handed_out >= INBOX_DELIVERY_LIMIT, "dead-lettered after {handed_out} deliveries, before the limit of {INBOX_DELIVERY_LIMIT}");
+
+    let letter = relay.amqp.next(&dead, Duration::from_secs(5)).await.expect("the message in the dead-letter queue");
+    assert_eq!(header(&letter.properties, "webhook-id"), Some(id.as_str()));
+    assert_eq!(header(&letter.properties, "x-first-death-reason"), Some("delivery_limit"));
+    assert_eq!(header(&letter.properties, "x-first-death-queue"), Some(inbox));
+    assert_eq!(relay.amqp.settled_count(inbox).await, 0, "and nowhere else");
+    println!("delivery limit: dead-lettered after {handed_out} deliveries (limit {INBOX_DELIVERY_LIMIT})");
 }
