@@ -304,3 +304,31 @@ async fn messages_without_a_webhook_id_are_not_duplicates_of_each_other() {
     assert!(metrics.contains("relay_duplicates_total 0"), "{metrics}");
     assert_eq!(relay.halt_and_list_left_over().await, Vec::<String>::new(), "both acked");
 }
+
+/// The CloudEvent would be bigger than the broker takes (RabbitMQ 4.x closes the channel on
+/// it): the small inbox message is dead-lettered as `too_large` instead, and nothing is sent.
+#[tokio::test]
+async fn a_cloudevent_over_the_message_size_limit_is_dead_lettered_as_too_large() {
+    let limit = 2000;
+    let object = fixture("openai/responses/resp_completed01.json");
+    assert!(object.len() > limit, "the fixture alone is over the limit");
+    let (mut relay, queue) = relay_with_queue(Options::default().arg("--max-message-bytes", limit)).await;
+    let id = webhook_id();
+    assert_eq!(relay.deliver_as(&id, &event("response.completed", "resp_completed01")).await.status(), 200);
+
+    let dead = relay.amqp.next(&relay.topology.dead(), WAIT).await.expect("dead-lettered");
+    assert_eq!(id_of(&dead), id);
+    let p = &dead.properties;
+    assert_eq!(header(p, "x-relay-error-reason"), Some("too_large"));
+    assert_eq!(int_header(p, "x-relay-attempts"), Some(1), "not retried: it would be as large again");
+    let message = header(p, "x-relay-error-message").unwrap_or_default();
+    assert!(message.contains(&format!("over RELAY_MAX_MESSAGE_BYTES ({limit})")), "{message}");
+    assert_eq!(relay.openai.requests("resp_completed01"), 1);
+
+    // A small event behind it still goes out, and it is the only one.
+    let small = webhook_id();
+    assert_eq!(relay.deliver_as(&small, &event("something.new", "x_1")).await.status(), 200);
+    assert_eq!(id_of(&published(&relay, &queue).await), small);
+    assert!(relay.amqp.next(&queue, Duration::from_millis(300)).await.is_none(), "the large one was not published");
+    assert_eq!(relay.halt_and_list_left_over().await, Vec::<String>::new(), "both acked");
+}
