@@ -34,7 +34,7 @@ impl EventPublisher {
     pub async fn publish(
         &self,
         envelope: &Envelope,
-        webhook_id: &str,
+        webhook_id: Option<&str>,
         project: Option<&str>,
         traceparent: Option<&str>,
         cloud_event: &[u8],
@@ -52,9 +52,13 @@ impl EventPublisher {
 /// The properties of an event message (the routing key is `envelope.kind`, the same short
 /// string as `type`). Public so that the tests and the fuzz target build exactly what the
 /// worker publishes.
-pub fn properties(envelope: &Envelope, webhook_id: &str, project: Option<&str>, traceparent: Option<&str>) -> BasicProperties {
+pub fn properties(envelope: &Envelope, webhook_id: Option<&str>, project: Option<&str>, traceparent: Option<&str>) -> BasicProperties {
     let mut headers = FieldTable::default();
-    headers.insert(HEADER_ID.into(), AMQPValue::LongString(webhook_id.into()));
+    // Absent only on a message put into the inbox by hand: no empty header that consumers
+    // deduplicating by it would take for one event.
+    if let Some(webhook_id) = webhook_id {
+        headers.insert(HEADER_ID.into(), AMQPValue::LongString(webhook_id.into()));
+    }
     if let Some(project) = project {
         headers.insert(HEADER_PROJECT.into(), AMQPValue::LongString(project.into()));
     }

@@ -185,7 +185,7 @@ impl Worker {
             Some(id) => format!("{}/{id}", project.as_deref().unwrap_or("")),
             None => format!("{}/event:{}", project.as_deref().unwrap_or(""), envelope.id),
         };
-        let work = self.enrich_and_publish(delivery, &envelope, project.as_deref(), settings, webhook_id.unwrap_or_default());
+        let work = self.enrich_and_publish(delivery, &envelope, project.as_deref(), settings, webhook_id);
         claimed(self.dedup.store(), &key, work, &self.metrics).await
     }
 
@@ -195,7 +195,7 @@ impl Worker {
         envelope: &Envelope,
         project: Option<&str>,
         settings: &WorkerProject,
-        webhook_id: &str,
+        webhook_id: Option<&str>,
     ) -> Disposition {
         let raw_event = match envelope::raw(&delivery.data) {
             Ok(raw) => raw,

@@ -152,3 +152,43 @@ async fn replay_dead_moves_dead_letters_back_after_the_cause_is_fixed() {
     assert_eq!(relay.amqp.settled_count(&dead).await, 0);
     assert_eq!(relay.openai.requests("resp_completed01"), 3, "two failed attempts, one after the replay");
 }
+
+/// A dry run lists the dead letters and leaves them as they were: in the same order, and
+/// not counted as delivered (each count brings a dead letter nearer a delivery limit, past
+/// which RabbitMQ 4.0-4.2 would drop it).
+#[tokio::test]
+async fn replay_dead_dry_runs_count_no_delivery_and_keep_the_order() {
+    use lapin::BasicProperties;
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    use openai_webhook_relay::inbox::int_header;
+
+    let (topology, _cleanup, amqp) = crate::helpers::declared_topology().await;
+    let dead = topology.dead();
+    let ids = [webhook_id(), webhook_id(), webhook_id()];
+    for id in &ids {
+        let mut headers = FieldTable::default();
+        headers.insert("webhook-id".into(), AMQPValue::LongString(id.as_str().into()));
+        headers.insert("x-relay-error-reason".into(), AMQPValue::LongString("400".into()));
+        let properties = BasicProperties::default().with_delivery_mode(2).with_message_id(id.as_str().into()).with_headers(headers);
+        let body = crate::helpers::event("response.completed", "resp_bad");
+        amqp.channel.basic_publish("".into(), dead.as_str().into(), BasicPublishOptions::default(), body.as_bytes(), properties).await.unwrap();
+    }
+    eventually(WAIT, "three dead letters", async || (amqp.count(&dead).await == 3).then_some(())).await;
+
+    for run_number in 1..=3 {
+        let dry = run(relay_cli(&["replay-dead", "--inbox-queue", &topology.inbox, "--dry-run"])).await;
+        let stdout = String::from_utf8_lossy(&dry.stdout);
+        assert!(dry.status.success(), "run {run_number}: {}", String::from_utf8_lossy(&dry.stderr));
+        let listed: Vec<&str> = stdout.lines().filter_map(|line| line.strip_prefix("would replay webhook-id=")?.split(' ').next()).collect();
+        assert_eq!(listed, ids, "run {run_number} lists each, in order:\n{stdout}");
+        assert!(stdout.contains("would move 3 of 3 dead letters"), "run {run_number}:\n{stdout}");
+    }
+
+    let letters = amqp.take_all(&dead).await;
+    assert_eq!(letters.iter().map(id_of).collect::<Vec<_>>(), ids, "same order");
+    for letter in &letters {
+        let count = int_header(&letter.properties, "x-delivery-count").unwrap_or(0);
+        assert_eq!(count, 0, "{} counted as delivered {count} times", id_of(letter));
+    }
+}

@@ -75,6 +75,16 @@ pub async fn spawn_relay(options: Options) -> Relay {
     spawn_relay_with(options, openai, unique_topology()).await
 }
 
+/// A fresh topology declared on the broker as a relay declares it, with no relay, and this
+/// test's own connection; its queues and exchange go when the `Cleanup` is dropped.
+pub async fn declared_topology() -> (Topology, Cleanup, Amqp) {
+    let topology = unique_topology();
+    let cleanup = Cleanup::topology(&topology);
+    let amqp = Amqp::connect().await;
+    amqp.declare(&topology).await;
+    (topology, cleanup, amqp)
+}
+
 pub fn unique_topology() -> Topology {
     let tag = format!("test.{:016x}", fastrand::u64(..));
     Topology { exchange: format!("{tag}.events"), inbox: format!("{tag}.inbox") }
@@ -264,6 +274,11 @@ impl Amqp {
         Self { _connection: connection, channel }
     }
 
+    /// Declares `topology`'s exchange and queues as a relay does at start.
+    pub async fn declare(&self, topology: &Topology) {
+        openai_webhook_relay::topology::migrate::declare(&self._connection, topology).await.unwrap();
+    }
+
     /// A server-named exclusive queue bound to `exchange`; it disappears with this connection.
     pub async fn bind(&self, exchange: &str, pattern: &str) -> String {
         let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
@@ -362,12 +377,7 @@ async fn messages_held_unacked_are_counted_once_their_consumer_has_gone() {
     use lapin::BasicProperties;
     use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 
-    let topology = unique_topology();
-    let _cleanup = Cleanup::topology(&topology);
-    let amqp = Amqp::connect().await;
-    for spec in topology.queue_specs() {
-        spec.declare(&amqp.channel).await.unwrap();
-    }
+    let (topology, _cleanup, amqp) = declared_topology().await;
     let inbox = topology.inbox.as_str();
     for id in ["wh_got", "wh_consumed"] {
         let properties = BasicProperties::default().with_message_id(id.into());

@@ -1,4 +1,5 @@
-//! Running the relay: shutdown, and broker connections that go away.
+//! Running the relay: shutdown, broker connections that go away, a message the broker keeps
+//! handing out, and what the logs say.
 
 use std::time::Duration;
 
@@ -166,14 +167,15 @@ async fn a_cut_broker_connection_gives_503_then_heals_by_itself_without_losing_e
     assert!(connects > cuts, "{connects} broker connections for {cuts} cuts:\n{metrics}");
 }
 
-/// Starts the real binary with the given extra environment.
-pub fn spawn_binary(
-    openai: &crate::fake_openai::FakeOpenAi,
-    topology: &openai_webhook_relay::topology::Topology,
-    port: u16,
-    extra: &[(&str, &str)],
-) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_openai-webhook-relay"))
+/// Starts the real binary with the given extra environment, its logs discarded.
+pub fn spawn_binary(openai: &crate::fake_openai::FakeOpenAi, topology: &openai_webhook_relay::topology::Topology, port: u16, extra: &[(&str, &str)]) -> std::process::Child {
+    relay_binary(openai, topology, port, extra).stderr(std::process::Stdio::null()).spawn().expect("the relay binary starts")
+}
+
+/// The real binary, set up as [`spawn_binary`] starts it (`RUST_LOG=warn`), not started yet.
+pub fn relay_binary(openai: &crate::fake_openai::FakeOpenAi, topology: &openai_webhook_relay::topology::Topology, port: u16, extra: &[(&str, &str)]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_openai-webhook-relay"));
+    command
         .env("OPENAI_WEBHOOK_SECRET", crate::helpers::secret_text())
         .env("OPENAI_API_KEY", crate::fake_openai::API_KEY)
         .env("OPENAI_BASE_URL", &openai.base_url)
@@ -183,9 +185,22 @@ pub fn spawn_binary(
         .env("RELAY_INBOX_QUEUE", &topology.inbox)
         .env("RUST_LOG", "warn")
         .envs(extra.iter().copied())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("the relay binary starts")
+        .stdin(std::process::Stdio::null());
+    command
+}
+
+/// POSTs `body` to the relay at `base` as OpenAI would, signed with the tests' secret.
+pub async fn deliver_signed(http: &reqwest::Client, base: &str, id: &str, body: &str) -> reqwest::Response {
+    let ts = openai_webhook_relay::inbox::unix_now().to_string();
+    let sig = openai_webhook_relay::verify::Secret::parse(&crate::helpers::secret_text()).unwrap().sign(id, &ts, body.as_bytes());
+    http.post(format!("{base}/webhooks/openai"))
+        .header("webhook-id", id)
+        .header("webhook-timestamp", &ts)
+        .header("webhook-signature", sig)
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
 }
 
 pub fn free_port() -> u16 {
@@ -213,18 +228,7 @@ async fn sigterm_lets_the_delivery_in_hand_finish_and_exits_0() {
     openai.script("resp_completed01", [Scripted::status(200).body(&fixture).delay(Duration::from_millis(1500))]);
     let body = event("response.completed", "resp_completed01");
     let id = crate::helpers::webhook_id();
-    let ts = openai_webhook_relay::inbox::unix_now().to_string();
-    let sig = openai_webhook_relay::verify::Secret::parse(&crate::helpers::secret_text()).unwrap().sign(&id, &ts, body.as_bytes());
-    let response = http
-        .post(format!("{base}/webhooks/openai"))
-        .header("webhook-id", &id)
-        .header("webhook-timestamp", &ts)
-        .header("webhook-signature", sig)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(deliver_signed(&http, &base, &id, &body).await.status(), 200);
     eventually(Duration::from_secs(10), "the worker fetches the object", async || (openai.requests("resp_completed01") > 0).then_some(())).await;
     let exit = crate::helpers::terminate(&mut child, Duration::from_secs(15)).await;
     assert_eq!(exit.code(), Some(0));
@@ -242,4 +246,93 @@ async fn on_a_stop_signal_readiness_fails_first_while_deliveries_are_still_taken
     assert_eq!(relay.deliver_as(&id, &event("response.completed", "resp_1")).await.status(), 200, "still served while draining");
     assert_eq!(relay.take_stored_ids().await, [id]);
     tokio::time::timeout(Duration::from_secs(10), relay.stop()).await.expect("stops after the drain delay").unwrap();
+}
+
+/// A message the broker hands out more often than the inbox's delivery limit (a worker that
+/// crashes on it every time, a reconnect storm) is dead-lettered to `<inbox>.dead`, never
+/// dropped, which RabbitMQ 4.0-4.2 otherwise does after 20 returns.
+///
+/// Each return here is a `basic.reject` with requeue: every RabbitMQ version counts it
+/// (from 4.3 on, a `basic.nack` with requeue no longer counts towards the limit).
+#[tokio::test]
+async fn an_inbox_message_handed_out_past_the_delivery_limit_ends_in_the_dead_letter_queue() {
+    use lapin::options::{BasicGetOptions, BasicRejectOptions};
+    use openai_webhook_relay::topology::INBOX_DELIVERY_LIMIT;
+
+    // Receiver only: nothing consumes the inbox but this test.
+    let relay = spawn_relay(Options::default().role("receiver")).await;
+    let id = webhook_id();
+    assert_eq!(relay.deliver_as(&id, &event("response.completed", "resp_1")).await.status(), 200);
+    let (inbox, dead) = (relay.topology.inbox.as_str(), relay.topology.dead());
+    let mut handed_out = 0;
+    eventually(Duration::from_secs(60), "the message leaves the inbox for the dead-letter queue", async || {
+        match relay.amqp.channel.basic_get(inbox.into(), BasicGetOptions { no_ack: false }).await.unwrap() {
+            Some(message) => {
+                handed_out += 1;
+                assert!(handed_out <= INBOX_DELIVERY_LIMIT + 5, "handed out {handed_out} times and still in the inbox");
+                message.delivery.acker.reject(BasicRejectOptions { requeue: true }).await.unwrap();
+                None
+            }
+            // Between a return and the next get, or gone: see where.
+            None => (relay.amqp.count(&dead).await > 0).then_some(()),
+        }
+    })
+    .await;
+    assert!(handed_out >= INBOX_DELIVERY_LIMIT, "dead-lettered after {handed_out} deliveries, before the limit of {INBOX_DELIVERY_LIMIT}");
+
+    let letter = relay.amqp.next(&dead, Duration::from_secs(5)).await.expect("the message in the dead-letter queue");
+    assert_eq!(header(&letter.properties, "webhook-id"), Some(id.as_str()));
+    assert_eq!(header(&letter.properties, "x-first-death-reason"), Some("delivery_limit"));
+    assert_eq!(header(&letter.properties, "x-first-death-queue"), Some(inbox));
+    assert_eq!(relay.amqp.settled_count(inbox).await, 0, "and nowhere else");
+    println!("delivery limit: dead-lettered after {handed_out} deliveries (limit {INBOX_DELIVERY_LIMIT})");
+}
+
+/// At `RUST_LOG=warn` (the benchmark's level, and a common production one) a warning about
+/// a delivery still names it: the delivery's ids come with the line, in its `spans`.
+#[tokio::test]
+async fn warnings_about_a_delivery_carry_its_ids_at_rust_log_warn() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    use crate::fake_openai::{FakeOpenAi, Scripted};
+    use crate::helpers::{Cleanup, unique_topology};
+
+    let openai = FakeOpenAi::start().await;
+    openai.always("resp_logs01", Scripted::status(500));
+    let topology = unique_topology();
+    let _cleanup = Cleanup::topology(&topology);
+    let port = free_port();
+    let mut command = tokio::process::Command::from(relay_binary(&openai, &topology, port, &[]));
+    command.env_remove("RELAY_LOG_FORMAT").stderr(std::process::Stdio::piped()).kill_on_drop(true);
+    let mut child = command.spawn().expect("the relay binary starts");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = format!("http://127.0.0.1:{port}");
+    crate::helpers::wait_ready(&base).await;
+
+    let body = event("response.completed", "resp_logs01");
+    let event_id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_str().unwrap().to_owned();
+    let id = webhook_id();
+    assert_eq!(deliver_signed(&crate::helpers::http_client(), &base, &id, &body).await.status(), 200);
+
+    let mut said = Vec::new();
+    let warning = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            said.push(line);
+            let parsed: serde_json::Value = serde_json::from_str(said.last().unwrap()).expect("every log line is JSON");
+            if parsed["message"] == "will retry" {
+                return Some(parsed);
+            }
+        }
+        None
+    })
+    .await;
+    let warning = warning.ok().flatten().unwrap_or_else(|| panic!("no \"will retry\" warning; stderr: {said:#?}"));
+    assert_eq!(warning["level"], "WARN");
+    let spans = warning["spans"].as_array().unwrap_or_else(|| panic!("no spans on {warning}"));
+    let delivery = spans.iter().find(|span| span["name"] == "deliver").unwrap_or_else(|| panic!("no delivery span on {warning}"));
+    assert_eq!(delivery["webhook_id"], id.as_str(), "{warning}");
+    assert_eq!(delivery["event_id"], event_id.as_str(), "{warning}");
+    assert_eq!(delivery["object_id"], "resp_logs01", "{warning}");
+    assert_eq!(delivery["project"], "default", "{warning}");
+    child.kill().await.unwrap();
 }

@@ -151,6 +151,21 @@ async fn duplicated_deliveries_to_two_replicas_are_published_once_with_redis() {
     }
 }
 
+/// Redis configured but down when the relay starts: the relay runs anyway, ready, with
+/// per-process dedup (`relay_dedup_fallback 1`) until Redis answers, and delivers events.
+#[tokio::test]
+async fn a_relay_whose_redis_is_down_at_start_runs_and_delivers_with_dedup_in_memory() {
+    let relay = spawn_relay(Options::default().arg("--dedup-redis-url", "redis://127.0.0.1:1")).await;
+    assert_eq!(relay.get("/readyz").await.status(), 200);
+    let metrics = relay.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.lines().any(|line| line == "relay_dedup_fallback 1"), "{metrics}");
+    let queue = relay.bind("#").await;
+    let id = webhook_id();
+    assert_eq!(relay.deliver_as(&id, &event("response.completed", "resp_completed01")).await.status(), 200);
+    let got = relay.amqp.next(&queue, Duration::from_secs(15)).await.expect("published without Redis");
+    assert_eq!(header(&got.properties, "webhook-id"), Some(id.as_str()));
+}
+
 /// A relay process, killed when the test ends.
 struct Replica(std::process::Child);
 

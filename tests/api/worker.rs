@@ -273,3 +273,62 @@ async fn traceparent_is_carried_into_the_published_event() {
     let delivery = published(&relay, &queue).await;
     assert_eq!(header(&delivery.properties, "traceparent"), Some(traceparent));
 }
+
+/// Something other than the receiver may put a message into the inbox without a
+/// `webhook-id` (the inbox format is a contract). Each such message is its own delivery,
+/// keyed by its event id: none is skipped as a duplicate of another.
+#[tokio::test]
+async fn messages_without_a_webhook_id_are_not_duplicates_of_each_other() {
+    use lapin::BasicProperties;
+    use lapin::options::BasicPublishOptions;
+
+    let (mut relay, queue) = relay_with_queue(Options::default()).await;
+    let bodies = [event("something.new", "x_1"), event("something.new", "x_1")];
+    let mut event_ids: Vec<String> = bodies.iter().map(|body| serde_json::from_str::<Value>(body).unwrap()["id"].as_str().unwrap().to_owned()).collect();
+    assert_ne!(event_ids[0], event_ids[1]);
+    for body in &bodies {
+        let properties = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+        let inbox = relay.topology.inbox.as_str();
+        relay.amqp.channel.basic_publish("".into(), inbox.into(), BasicPublishOptions::default(), body.as_bytes(), properties).await.unwrap();
+    }
+
+    let mut published = Vec::new();
+    for _ in &bodies {
+        let delivery = relay.amqp.next(&queue, WAIT).await.unwrap_or_else(|| panic!("only {published:?} of {event_ids:?} published"));
+        published.push(delivery.properties.message_id().as_ref().expect("the CloudEvent id").to_string());
+    }
+    published.sort();
+    event_ids.sort();
+    assert_eq!(published, event_ids, "both published");
+    let metrics = relay.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("relay_duplicates_total 0"), "{metrics}");
+    assert_eq!(relay.halt_and_list_left_over().await, Vec::<String>::new(), "both acked");
+}
+
+/// The CloudEvent would be bigger than the broker takes (RabbitMQ 4.x closes the channel on
+/// it): the small inbox message is dead-lettered as `too_large` instead, and nothing is sent.
+#[tokio::test]
+async fn a_cloudevent_over_the_message_size_limit_is_dead_lettered_as_too_large() {
+    let limit = 2000;
+    let object = fixture("openai/responses/resp_completed01.json");
+    assert!(object.len() > limit, "the fixture alone is over the limit");
+    let (mut relay, queue) = relay_with_queue(Options::default().arg("--max-message-bytes", limit)).await;
+    let id = webhook_id();
+    assert_eq!(relay.deliver_as(&id, &event("response.completed", "resp_completed01")).await.status(), 200);
+
+    let dead = relay.amqp.next(&relay.topology.dead(), WAIT).await.expect("dead-lettered");
+    assert_eq!(id_of(&dead), id);
+    let p = &dead.properties;
+    assert_eq!(header(p, "x-relay-error-reason"), Some("too_large"));
+    assert_eq!(int_header(p, "x-relay-attempts"), Some(1), "not retried: it would be as large again");
+    let message = header(p, "x-relay-error-message").unwrap_or_default();
+    assert!(message.contains(&format!("over RELAY_MAX_MESSAGE_BYTES ({limit})")), "{message}");
+    assert_eq!(relay.openai.requests("resp_completed01"), 1);
+
+    // A small event behind it still goes out, and it is the only one.
+    let small = webhook_id();
+    assert_eq!(relay.deliver_as(&small, &event("something.new", "x_1")).await.status(), 200);
+    assert_eq!(id_of(&published(&relay, &queue).await), small);
+    assert!(relay.amqp.next(&queue, Duration::from_millis(300)).await.is_none(), "the large one was not published");
+    assert_eq!(relay.halt_and_list_left_over().await, Vec::<String>::new(), "both acked");
+}
