@@ -159,9 +159,17 @@ impl Topology {
         self.queue_specs().into_iter().map(|spec| spec.name).collect()
     }
 
-    /// Declares the exchange and the queues, on a channel where every queue already
-    /// exists with these arguments or does not exist yet; [`migrate::declare`] handles the
-    /// rest.
+    /// Declares the exchange and every queue on `channel`, for a broker where each queue is
+    /// new or already has these arguments (a queue under other arguments fails with 406:
+    /// the relay itself declares through [`migrate::declare`], which handles that).
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        self.declare_exchange(channel).await?;
+        for spec in self.queue_specs() {
+            spec.declare(channel).await?;
+        }
+        Ok(())
+    }
+
     pub async fn declare_exchange(&self, channel: &Channel) -> lapin::Result<()> {
         channel
             .exchange_declare(
