@@ -48,8 +48,7 @@ impl App {
         let args = &config.args;
         let metrics = Arc::new(Metrics::default());
         let topology = config.topology();
-        let broker = Broker::start(&args.amqp_url, topology.clone(), args.role.works(), config.confirm_timeout(), metrics.clone())
-            .map_err(|e| anyhow::anyhow!("AMQP_URL is unusable: {e}"))?;
+        let broker = Broker::start(config.nodes.clone(), topology.clone(), args.role.works(), config.confirm_timeout(), metrics.clone());
         let draining = CancellationToken::new();
         // The request head, and then again the body.
         let header_timeout = Duration::from_secs(args.header_timeout_secs);

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::SecretString;
 
+use crate::broker::Nodes;
 use crate::topology::Topology;
 use crate::verify::{Secret, SecretError};
 
@@ -76,7 +77,9 @@ pub struct ServeArgs {
     /// API base URL, as in OpenAI's SDKs.
     #[arg(long, env = "OPENAI_BASE_URL", default_value = "https://api.openai.com/v1")]
     pub openai_base_url: String,
-    /// RabbitMQ URL.
+    /// RabbitMQ URL, or a comma-separated list of URLs of one cluster's nodes (same vhost and
+    /// credentials): the relay shuffles them, connects to the first that answers and fails
+    /// over to the others.
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
     pub amqp_url: String,
     /// HTTP listen address.
@@ -197,6 +200,8 @@ impl Project {
 pub struct Config {
     pub args: ServeArgs,
     pub projects: Vec<Project>,
+    /// The broker nodes of `AMQP_URL`.
+    pub nodes: Nodes,
 }
 
 impl ServeArgs {
@@ -235,9 +240,7 @@ impl ServeArgs {
         }
         reqwest::Url::parse(&self.openai_base_url)
             .map_err(|e| ConfigError::Invalid("OPENAI_BASE_URL".into(), e.to_string()))?;
-        self.amqp_url
-            .parse::<lapin::uri::AMQPUri>()
-            .map_err(|e| ConfigError::Invalid("AMQP_URL".into(), e))?;
+        let nodes = Nodes::parse(&self.amqp_url).map_err(|e| ConfigError::Invalid("AMQP_URL".into(), e))?;
         for (name, value) in [("RELAY_EXCHANGE", &self.exchange), ("RELAY_INBOX_QUEUE", &self.inbox_queue)] {
             // AMQP short strings; leave room for the derived queue suffixes.
             if value.is_empty() || value.len() > 200 {
@@ -257,7 +260,7 @@ impl ServeArgs {
                 format!("must be at least RELAY_RETRY_INITIAL_DELAY_MS ({})", self.retry_initial_delay_ms),
             ));
         }
-        Ok(Config { args: self, projects })
+        Ok(Config { args: self, projects, nodes })
     }
 
     /// Settings where 0 starts a process that fails every delivery while `/readyz` says 200
@@ -328,6 +331,15 @@ mod tests {
 
     fn validate(extra: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         args(extra).validate_with(|name| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()))
+    }
+
+    #[test]
+    fn a_list_of_broker_urls_is_accepted_and_a_malformed_one_named() {
+        let list = "amqp://guest:guest@10.0.0.1:5672/%2f,amqp://guest:guest@10.0.0.2:5672/%2f";
+        let config = validate(&["--webhook-secret", SECRET, "--role", "receiver", "--amqp-url", list], &[]).unwrap();
+        assert_eq!(config.nodes.len(), 2);
+        let err = validate(&["--webhook-secret", SECRET, "--role", "receiver", "--amqp-url", "amqp://guest:guest@h1/%2f,h2"], &[]).err().expect("refused").to_string();
+        assert_eq!(err, "AMQP_URL is unusable: entry 2 of 2 does not start with amqp:// or amqps://");
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub broker_connected: Gauge,
     /// Broker connections established (the first one included).
     pub broker_connects: Counter,
+    /// 1 for the broker node (`host:port`) the relay is connected to, 0 for the ones it was.
+    pub broker_node: Family<Labels, Gauge>,
     /// Webhook requests being handled right now.
     pub requests_in_flight: Gauge,
     /// Inbox messages the worker holds right now.
@@ -77,6 +79,7 @@ impl Default for Metrics {
             inbox_store_seconds: latency(),
             broker_connected: Gauge::default(),
             broker_connects: Counter::default(),
+            broker_node: Family::default(),
             requests_in_flight: Gauge::default(),
             deliveries_in_flight: Gauge::default(),
             fetches: Family::default(),
@@ -99,6 +102,7 @@ impl Default for Metrics {
         r.register("inbox_store_seconds", "Inbox publish-to-confirm latency", m.inbox_store_seconds.clone());
         r.register("broker_connected", "1 while the broker connection is up", m.broker_connected.clone());
         r.register("broker_connects", "Broker connections established", m.broker_connects.clone());
+        r.register("broker_node", "1 for the broker node the relay is connected to", m.broker_node.clone());
         r.register("requests_in_flight", "Webhook requests in flight", m.requests_in_flight.clone());
         r.register("deliveries_in_flight", "Inbox messages held by the worker", m.deliveries_in_flight.clone());
         r.register("fetches", "Object fetches by kind and status", m.fetches.clone());

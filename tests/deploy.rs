@@ -31,7 +31,10 @@ fn yaml_documents(text: &str, name: &str) -> Vec<Yaml> {
 fn yaml(relative: &str) -> Yaml {
     let mut documents = yaml_documents(&read(relative), relative);
     assert_eq!(documents.len(), 1, "deploy/{relative} should hold exactly one document");
-    documents.remove(0)
+    let mut document = documents.remove(0);
+    // Compose files share settings through `<<: *anchor` merge keys.
+    document.apply_merge().expect("merge keys resolve");
+    document
 }
 
 fn yaml_files(dir: &Path, found: &mut Vec<PathBuf>) {
@@ -470,4 +473,27 @@ fn the_dockerfile_builds_in_one_stage_and_runs_as_a_non_root_user_in_another() {
     assert_eq!(serde_json::from_str::<Vec<String>>(entrypoint).unwrap(), ["/usr/local/bin/openai-webhook-relay"]);
     let cmd = runtime.iter().find(|(op, _)| op == "CMD").map(|(_, c)| c.as_str()).expect("a CMD");
     assert_eq!(serde_json::from_str::<Vec<String>>(cmd).unwrap(), ["serve"]);
+}
+
+#[test]
+fn the_cluster_compose_runs_three_nodes_and_two_relays_that_list_every_node() {
+    let compose = yaml("compose.cluster.yaml");
+    let services = at(&compose, &["services"]).as_mapping().expect("services");
+    let name = |key: &Yaml| key.as_str().unwrap().to_owned();
+    let nodes: BTreeSet<String> = services.keys().map(name).filter(|n| n.starts_with("rabbit-")).collect();
+    assert_eq!(nodes.len(), 3, "{nodes:?}");
+    let relays: Vec<&Yaml> = services.iter().filter(|(k, _)| name(k).starts_with("relay-")).map(|(_, v)| v).collect();
+    assert_eq!(relays.len(), 2);
+    for relay in relays {
+        let url = compose_environment(relay).remove("AMQP_URL").expect("AMQP_URL");
+        let parsed = openai_webhook_relay::broker::Nodes::parse(&url).expect("AMQP_URL parses");
+        let hosts: BTreeSet<String> = (0..parsed.len()).map(|i| parsed.get(i).authority.host.clone()).collect();
+        assert_eq!(hosts, nodes, "each relay lists every node");
+    }
+    let conf = read("rabbitmq/cluster.conf");
+    for node in &nodes {
+        assert!(conf.contains(&format!("rabbit@{node}")), "cluster.conf names {node}");
+    }
+    let balancer = read("haproxy/haproxy.cfg");
+    assert!(balancer.contains("option httpchk GET /readyz"), "the balancer sends only to ready replicas");
 }

@@ -18,11 +18,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, label};
 use crate::topology::{Topology, migrate};
 
-/// Heartbeat asked for when `AMQP_URL` names none: a dead peer is noticed within ~2 of them.
-const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+pub mod nodes;
+
+pub use nodes::Nodes;
+
 /// Longest wait for connecting and declaring the topology (a broker that accepts TCP but
 /// never answers must not stall the supervisor).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -125,24 +127,16 @@ pub struct Broker {
 impl Broker {
     /// Starts the supervisor; the first connection is made in the background, so a relay
     /// can start (and report not-ready) while the broker is still down.
-    pub fn start(
-        url: &str,
-        topology: Topology,
-        consumes_inbox: bool,
-        confirm_timeout: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
-        let mut uri: AMQPUri = url.parse()?;
-        uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+    pub fn start(nodes: Nodes, topology: Topology, consumes_inbox: bool, confirm_timeout: Duration, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = watch::channel(None);
         let closing = CancellationToken::new();
-        let task = tokio::spawn(supervise(Target { uri, topology, consumes_inbox }, tx, metrics, closing.clone()));
-        Ok(Self {
+        let task = tokio::spawn(supervise(Target { nodes: nodes.shuffled(), topology, consumes_inbox }, tx, metrics, closing.clone()));
+        Self {
             link: rx,
             confirm_timeout,
             closing,
             supervisor: Arc::new(Mutex::new(Some(task))),
-        })
+        }
     }
 
     pub fn link(&self) -> Option<Link> {
@@ -216,7 +210,7 @@ impl Broker {
 
 /// What the supervisor needs to (re)connect.
 struct Target {
-    uri: AMQPUri,
+    nodes: Nodes,
     topology: Topology,
     /// This process consumes the inbox (the worker role): one inbox consumer is its own.
     consumes_inbox: bool,
@@ -224,15 +218,28 @@ struct Target {
 
 async fn supervise(target: Target, state: watch::Sender<Option<Link>>, metrics: Arc<Metrics>, closing: CancellationToken) {
     let mut backoff = BACKOFF_START;
+    // Which node of the (shuffled) list to try next; every failure or lost link moves on.
+    let mut next = 0;
+    let mut failed_in_a_row = 0;
     while !closing.is_cancelled() {
+        let uri = target.nodes.get(next);
+        let node = nodes::node(uri);
         let connected = tokio::select! {
-            connected = connect(&target) => connected,
+            connected = connect(uri, &target) => connected,
             () = closing.cancelled() => break,
         };
         let (link, mut events, declared) = match connected {
             Ok(connected) => connected,
             Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "broker connection failed");
+                next += 1;
+                failed_in_a_row += 1;
+                if failed_in_a_row < target.nodes.len() {
+                    tracing::warn!(%node, %error, "broker node failed; trying the next one");
+                    continue;
+                }
+                // Every node failed once in this round: back off before the next round.
+                failed_in_a_row = 0;
+                tracing::warn!(%node, %error, retry_in = ?backoff, "broker connection failed");
                 let jittered = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
                 tokio::select! {
                     () = tokio::time::sleep(jittered) => {}
@@ -243,12 +250,14 @@ async fn supervise(target: Target, state: watch::Sender<Option<Link>>, metrics: 
             }
         };
         backoff = BACKOFF_START;
+        failed_in_a_row = 0;
         let outdated = declared.outdated;
-        tracing::info!(migrated_messages = declared.moved, ?outdated, "broker connected, topology declared");
+        tracing::info!(%node, migrated_messages = declared.moved, ?outdated, "broker connected, topology declared");
         metrics.migrated_messages.inc_by(declared.moved);
         metrics.queues_outdated.set(outdated.len() as i64);
         metrics.broker_connects.inc();
         metrics.broker_connected.set(1);
+        metrics.broker_node.get_or_create(&label("node", node.as_str())).set(1);
         state.send_replace(Some(link.clone()));
 
         let mut poll = tokio::time::interval(Duration::from_millis(500));
@@ -286,6 +295,9 @@ async fn supervise(target: Target, state: watch::Sender<Option<Link>>, metrics: 
         };
         state.send_replace(None);
         metrics.broker_connected.set(0);
+        metrics.broker_node.get_or_create(&label("node", node.as_str())).set(0);
+        // A node that dropped us may be going down: the next connection goes to another.
+        next += 1;
         if closing.is_cancelled() {
             tracing::info!("closing broker connection");
         } else {
@@ -302,9 +314,9 @@ type EventStream = std::pin::Pin<Box<dyn futures::Stream<Item = Event> + Send>>;
 /// connection is under [`CONNECT_TIMEOUT`]: moving a large backlog left by an older version
 /// takes as long as it takes (each batch has its own timeout, and heartbeats catch a dead
 /// broker).
-async fn connect(target: &Target) -> lapin::Result<(Link, EventStream, migrate::Declared)> {
+async fn connect(uri: &AMQPUri, target: &Target) -> lapin::Result<(Link, EventStream, migrate::Declared)> {
     let properties = ConnectionProperties::default().with_connection_name("openai-webhook-relay".into());
-    let connection = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(target.uri.clone(), properties))
+    let connection = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri.clone(), properties))
         .await
         .unwrap_or_else(|_| Err(lapin::ErrorKind::IOError(Arc::new(std::io::ErrorKind::TimedOut.into())).into()))?;
     let events: EventStream = Box::pin(connection.events_listener());
