@@ -32,6 +32,8 @@ fn secret_text() -> String {
 /// A relay process, restartable on the same port and names.
 pub struct Relay {
     pub port: u16,
+    /// Where the test's own connections go (the relay's broker, or its cluster's nodes).
+    pub observer: Vec<String>,
     pub topology: Topology,
     pub observed: String,
     env: Vec<(String, String)>,
@@ -42,6 +44,12 @@ pub struct Relay {
 
 impl Relay {
     pub async fn start(openai: &FakeOpenAi, amqp_url: &str, extra: &[(&str, &str)]) -> Self {
+        Self::start_observed(openai, amqp_url, vec![self::amqp_url()], extra).await
+    }
+
+    /// A relay on `amqp_url` (one URL or a cluster's list) whose queues the test reads
+    /// through the first of `observer` that answers.
+    pub async fn start_observed(openai: &FakeOpenAi, amqp_url: &str, observer: Vec<String>, extra: &[(&str, &str)]) -> Self {
         let tag = format!("fault.{:016x}", fastrand::u64(..));
         let topology = Topology { exchange: format!("{tag}.events"), inbox: format!("{tag}.inbox") };
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -64,12 +72,12 @@ impl Relay {
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let observed = format!("{tag}.observed");
         let cleanup = Cleanup::topology(&topology).and_queue(&observed);
-        let mut relay = Self { port, observed, topology, env, child: None, _cleanup: cleanup };
+        let mut relay = Self { port, observer, observed, topology, env, child: None, _cleanup: cleanup };
         relay.spawn();
         relay.wait_ready().await;
         // A quorum queue of the test's own, so that closing connections or restarting the
-        // broker loses nothing of it.
-        let (_c, channel) = connect().await;
+        // broker (or a cluster node) loses nothing of it.
+        let (_c, channel) = connect_any(&relay.observer).await;
         let durable = QueueDeclareOptions { durable: true, ..Default::default() };
         let quorum = openai_webhook_relay::topology::table([("x-queue-type", lapin::types::AMQPValue::LongString("quorum".into()))]);
         channel.queue_declare(relay.observed.as_str().into(), durable, quorum).await.unwrap();
@@ -128,11 +136,18 @@ impl Drop for Relay {
 }
 
 pub async fn connect() -> (Connection, Channel) {
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .unwrap_or_else(|e| panic!("RabbitMQ unreachable at {}: {e}", amqp_url()));
-    let channel = connection.create_channel().await.unwrap();
-    (connection, channel)
+    connect_any(&[amqp_url()]).await
+}
+
+/// A connection to the first of `urls` that answers.
+pub async fn connect_any(urls: &[String]) -> (Connection, Channel) {
+    for url in urls {
+        if let Ok(connection) = Connection::connect(url, ConnectionProperties::default()).await {
+            let channel = connection.create_channel().await.unwrap();
+            return (connection, channel);
+        }
+    }
+    panic!("RabbitMQ unreachable at every one of {urls:?}")
 }
 
 /// Delivers events the way OpenAI does: the same webhook-id, freshly signed, until a 2xx.
@@ -140,6 +155,21 @@ pub struct Sender {
     pub sent: usize,
     pub acked: HashSet<String>,
     pub attempts: usize,
+    /// The longest time between two 2xx answers (to any sender): how long the relay
+    /// accepted nothing.
+    pub longest_stall: Duration,
+    last_ok: Option<Instant>,
+}
+
+impl Sender {
+    fn accepted(&mut self, event_id: String) {
+        let now = Instant::now();
+        if let Some(last) = self.last_ok {
+            self.longest_stall = self.longest_stall.max(now - last);
+        }
+        self.last_ok = Some(now);
+        self.acked.insert(event_id);
+    }
 }
 
 /// Runs `senders` tasks delivering events of `make_event` until `stop` or until `total`
@@ -147,7 +177,7 @@ pub struct Sender {
 /// before moving on.
 pub async fn load(url: String, senders: usize, total: usize, stop: CancellationToken, make_event: Arc<dyn Fn(usize) -> String + Send + Sync>) -> Sender {
     let secret = Secret::parse(&secret_text()).unwrap();
-    let result = Arc::new(Mutex::new(Sender { sent: 0, acked: HashSet::new(), attempts: 0 }));
+    let result = Arc::new(Mutex::new(Sender { sent: 0, acked: HashSet::new(), attempts: 0, longest_stall: Duration::ZERO, last_ok: None }));
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     let mut tasks = Vec::new();
     for s in 0..senders {
@@ -182,7 +212,7 @@ pub async fn load(url: String, senders: usize, total: usize, stop: CancellationT
                         .send()
                         .await;
                     if answer.is_ok_and(|r| r.status().is_success()) {
-                        result.lock().unwrap().acked.insert(event_id.clone());
+                        result.lock().unwrap().accepted(event_id.clone());
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -208,7 +238,7 @@ pub struct Outcome {
 pub async fn collect(relay: &Relay, acked: &HashSet<String>, within: Duration) -> Outcome {
     let mut outcome = Outcome::default();
     let started = Instant::now();
-    let (_connection, channel) = connect().await;
+    let (_connection, channel) = connect_any(&relay.observer).await;
     loop {
         let mut got_any = false;
         for queue in [relay.observed.clone(), relay.topology.dead()] {
@@ -250,12 +280,13 @@ pub fn report(name: &str, sender: &Sender, outcome: &Outcome) -> usize {
     // Stored but answered 503 (a confirm that came after its timeout): a repeat, not a loss.
     let unacked_out = outcome.published.keys().chain(outcome.dead.keys()).filter(|id| !sender.acked.contains(*id)).count();
     println!(
-        "{name}: sent={} acked={} published={} dead={} lost={} duplicates={duplicates} out_but_not_acked={unacked_out} (delivery attempts={})",
+        "{name}: sent={} acked={} published={} dead={} lost={} duplicates={duplicates} longest_stall_ms={} out_but_not_acked={unacked_out} (delivery attempts={})",
         sender.sent,
         sender.acked.len(),
         outcome.published.len(),
         outcome.dead.len(),
         lost.len(),
+        sender.longest_stall.as_millis(),
         sender.attempts
     );
     if !lost.is_empty() {
