@@ -8,6 +8,19 @@
 
 mod harness;
 
+// The fault suite's relay process, OpenAI-like senders and per-id accounting.
+#[allow(dead_code)]
+#[path = "../faults/harness.rs"]
+mod load;
+#[allow(dead_code)]
+#[path = "../api/fake_openai.rs"]
+mod fake_openai;
+#[path = "../support/cleanup.rs"]
+mod cleanup;
+#[path = "../support/deliveries.rs"]
+mod deliveries;
+
+mod failover;
 mod smoke;
 mod teardown;
 
