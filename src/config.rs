@@ -35,6 +35,9 @@ pub enum Command {
     Tail(crate::cli::TailArgs),
     /// Move dead letters back into the inbox, with a count; `--dry-run` only lists them.
     ReplayDead(crate::cli::ReplayArgs),
+    /// Publish a request to the gateway (`--model`/`--input` or `--file`); `--wait` prints
+    /// its replies until it ends.
+    Request(crate::cli::RequestArgs),
 }
 
 /// Which halves of the pipeline this process runs.

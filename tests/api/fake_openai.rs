@@ -77,6 +77,8 @@ struct Inner {
     webhook: Option<(String, Secret)>,
     webhooks_sent: usize,
     complete_after: Duration,
+    /// The bearer key of each create, in order.
+    create_keys: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -162,6 +164,11 @@ impl FakeOpenAi {
         self.inner.lock().unwrap().responses.get(id).cloned()
     }
 
+    /// The bearer key of each create, in order.
+    pub fn create_keys(&self) -> Vec<String> {
+        self.inner.lock().unwrap().create_keys.clone()
+    }
+
     pub fn webhooks_sent(&self) -> usize {
         self.inner.lock().unwrap().webhooks_sent
     }
@@ -179,11 +186,13 @@ fn error(status: StatusCode, message: &str, param: Option<&str>, code: Option<&s
     json(status, json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}).to_string())
 }
 
-async fn create(State(inner): State<Arc<Mutex<Inner>>>, body: axum::body::Bytes) -> Response<Body> {
+async fn create(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: axum::body::Bytes) -> Response<Body> {
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let key = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default().to_owned();
     let fault = {
         let mut inner = inner.lock().unwrap();
         inner.creates.push(request.clone());
+        inner.create_keys.push(key);
         inner.create_faults.pop_front()
     };
     if let Some(answer) = fault {

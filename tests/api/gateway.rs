@@ -11,11 +11,11 @@ use lapin::types::{AMQPValue, FieldTable};
 use openai_webhook_relay::inbox::{header, int_header};
 use serde_json::{Value, json};
 
-use crate::fake_openai::FakeOpenAi;
+use crate::fake_openai::{API_KEY, FakeOpenAi};
 use crate::helpers::{Options, Relay, eventually, secret_text, spawn_relay_with, unique_topology};
 
 /// A relay with the gateway on its own `<tag>.requests`, and the fake API sending webhooks to it.
-async fn spawn_gateway(options: Options) -> Relay {
+pub async fn spawn_gateway(options: Options) -> Relay {
     let mut topology = unique_topology();
     topology.requests = Some(format!("{}.requests", topology.inbox.trim_end_matches(".inbox")));
     let relay = spawn_relay_with(options, FakeOpenAi::start().await, topology).await;
@@ -336,4 +336,48 @@ async fn a_response_deleted_before_it_is_fetched_still_gets_its_terminal_event_w
     let completed = body(&next(&relay, &events, "response.completed on the exchange").await);
     assert_eq!(completed["subject"], response_id.as_str());
     assert_eq!(completed["data"]["fetch_error"]["status"], 404, "{completed}");
+}
+
+#[tokio::test]
+async fn a_request_for_a_named_project_is_sent_with_its_key_and_tagged() {
+    let mut options = Options::default().arg("--projects", "alpha");
+    options.env = vec![("OPENAI_WEBHOOK_SECRET_ALPHA".into(), secret_text()), ("OPENAI_API_KEY_ALPHA".into(), format!("{API_KEY}-alpha"))];
+    let relay = spawn_gateway(options).await;
+    let replies = reply_queue(&relay).await;
+    let mut request = Request::create("rq-alpha", &replies, json!({"model": "gpt-test", "input": "a"}));
+    request.headers.push(("openai-project", "alpha"));
+    publish(&relay, request).await;
+    publish(&relay, Request::create("rq-default", &replies, json!({"model": "gpt-test", "input": "d"}))).await;
+    let mut sources = Vec::new();
+    while sources.len() < 2 {
+        let reply = next(&relay, &replies, "queued reply").await;
+        if kind(&reply) == "response.queued" {
+            sources.push((body(&reply)["data"]["request_id"].as_str().unwrap().to_owned(), body(&reply)["source"].as_str().unwrap().to_owned(), header(&reply.properties, "openai-project").map(str::to_owned)));
+        }
+    }
+    sources.sort();
+    assert_eq!(sources, [("rq-alpha".into(), "openai/alpha".into(), Some("alpha".into())), ("rq-default".into(), "openai".into(), None)]);
+    let mut keys = relay.openai.create_keys();
+    keys.sort();
+    assert_eq!(keys, [API_KEY.to_owned(), format!("{API_KEY}-alpha")]);
+}
+
+#[tokio::test]
+async fn a_request_published_again_after_a_restart_is_not_posted_again_with_redis() {
+    // Redis outlives the test: a message_id of this run only.
+    let message_id = format!("rq-redis-{:016x}", fastrand::u64(..));
+    let options = || Options::default().arg("--dedup-redis-url", "redis://127.0.0.1:6379");
+    let mut first = spawn_gateway(options()).await;
+    metric_reaches(&first, "relay_dedup_fallback 0").await;
+    let (_replies, response_id) = create_queued(&first, &message_id, "gpt-test", "x").await;
+    first.halt().await.unwrap();
+
+    let second = spawn_relay_with(options(), first.openai.clone(), first.topology.clone()).await;
+    metric_reaches(&second, "relay_dedup_fallback 0").await;
+    let replies = reply_queue(&second).await;
+    publish(&second, Request::create(&message_id, &replies, json!({"model": "gpt-test", "input": "x"}))).await;
+    metric_reaches(&second, r#"relay_gateway_requests_total{outcome="duplicate"} 1"#).await;
+    assert_eq!(first.openai.creates().len(), 1, "the second relay did not POST {message_id} again");
+    assert_eq!(first.openai.created_for(&message_id).len(), 1);
+    assert!(first.openai.response(&response_id).is_some());
 }
