@@ -381,3 +381,30 @@ async fn a_request_published_again_after_a_restart_is_not_posted_again_with_redi
     assert_eq!(first.openai.created_for(&message_id).len(), 1);
     assert!(first.openai.response(&response_id).is_some());
 }
+
+/// README.md's "A client in Python (pika)", as it is, against a gateway relay.
+#[tokio::test]
+async fn the_readme_python_client_gets_its_reply() {
+    let python = crate::consumers::python_with_pika().await;
+    let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme.split_once("### A client in Python (pika)").expect("README.md has the section").1;
+    let code = section.split_once("```python\n").expect("a ```python block").1.split_once("\n```").expect("closed").0;
+    let relay = spawn_gateway(Options::default()).await;
+    let mut command = tokio::process::Command::new(python);
+    command
+        .arg("-c")
+        .arg(code)
+        .env("AMQP_URL", crate::helpers::amqp_url())
+        .env("RELAY_REQUEST_QUEUE", relay.topology.requests.as_deref().unwrap())
+        .env("MODEL", "gpt-test")
+        .env("INPUT", "from python")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(30), command.output()).await.expect("the client ends within 30 s").unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(lines[0].starts_with("com.openai.response.queued resp_"), "{stdout}");
+    assert!(lines[1].starts_with("com.openai.response.completed resp_"), "{stdout}");
+    assert_eq!(lines[2], "echo: from python");
+}
