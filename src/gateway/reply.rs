@@ -180,11 +180,15 @@ impl Made {
 
     /// Publishes to the exchange and to `reply`. `must_route`: an event that neither the
     /// exchange nor the reply queue takes is an error (retried, as on the webhook path);
-    /// otherwise it is only counted.
+    /// otherwise the exchange copy is published without `mandatory` and may go nowhere.
     pub async fn publish(&self, worker: &Worker, project: Option<&str>, reply: Option<&ReplyTo>, must_route: bool) -> Result<(), PublishError> {
         let properties = self.properties(project);
         let message = Outgoing { exchange: &worker.topology.exchange, routing_key: &self.kind, body: &self.body, properties: properties.clone() };
-        let published = worker.broker.publish(message, &worker.metrics.publish_confirm_seconds).await;
+        let published = if must_route {
+            worker.broker.publish(message, &worker.metrics.publish_confirm_seconds).await
+        } else {
+            worker.broker.publish_optional(message, &worker.metrics.publish_confirm_seconds).await
+        };
         if matches!(published, Err(PublishError::Unroutable(_))) {
             worker.metrics.unroutable.inc();
         }

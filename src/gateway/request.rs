@@ -175,10 +175,10 @@ async fn create(worker: &Worker, request: &Request<'_>, settings: &WorkerProject
     if let Err(e) = made.publish(worker, request.project.as_deref(), request.reply.as_ref(), false).await {
         return publish_failed(e);
     }
-    if let Some(after) = worker.gateway.and_then(|g| g.reconcile_after) {
-        if let Err(e) = reconcile::watch(worker, &response_id, request.project.as_deref(), unix_now(), after).await {
-            return publish_failed(e);
-        }
+    if let Some(after) = worker.gateway.and_then(|g| g.reconcile_after)
+        && let Err(e) = reconcile::watch(worker, &response_id, request.project.as_deref(), unix_now(), after).await
+    {
+        return publish_failed(e);
     }
     worker.metrics.gateway_requests.get_or_create(&label("outcome", "created")).inc();
     tracing::info!(%response_id, "response created; response.queued published");
@@ -213,12 +213,12 @@ async fn cancel(worker: &Worker, request: &Request<'_>, settings: &WorkerProject
     };
     if let FetchError::Status { status: 400 | 409, .. } = error {
         let target = Target { kind: ObjectKind::Response, id: response_id };
-        if let Ok(Fetched::Object(object)) = worker.api.fetch(target, &settings.api_key).await {
-            if response_field(&object, "status").is_some_and(|s| is_terminal_status(&s)) {
-                worker.metrics.gateway_requests.get_or_create(&label("outcome", "cancel_after_end")).inc();
-                tracing::info!("the response had already ended; nothing to cancel");
-                return Disposition::Published;
-            }
+        if let Ok(Fetched::Object(object)) = worker.api.fetch(target, &settings.api_key).await
+            && response_field(&object, "status").is_some_and(|s| is_terminal_status(&s))
+        {
+            worker.metrics.gateway_requests.get_or_create(&label("outcome", "cancel_after_end")).inc();
+            tracing::info!("the response had already ended; nothing to cancel");
+            return Disposition::Published;
         }
     }
     failed_call(worker, request, error, attempt).await

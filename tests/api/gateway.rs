@@ -408,3 +408,63 @@ async fn the_readme_python_client_gets_its_reply() {
     assert!(lines[1].starts_with("com.openai.response.completed resp_"), "{stdout}");
     assert_eq!(lines[2], "echo: from python");
 }
+
+/// A batch through the gateway, a quarter of it without webhooks and three creates answered
+/// 429: every request gets one `queued` and one terminal event id on its reply queue (copies of
+/// the same id are at-least-once delivery, counted), one response each; prints a figure line.
+#[tokio::test]
+async fn a_batch_of_requests_gets_one_response_and_one_terminal_reply_each() {
+    const N: usize = 40;
+    let relay = spawn_gateway(Options::default().arg("--reconcile-after-secs", 1)).await;
+    let replies = reply_queue(&relay).await;
+    for _ in 0..3 {
+        relay.openai.rate_limit_next_create(100);
+    }
+    let started = std::time::Instant::now();
+    let ids: Vec<String> = (0..N).map(|i| format!("rq-batch-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let model = if i % 4 == 0 { "no-webhook" } else { "gpt-test" };
+        publish(&relay, Request::create(id, &replies, json!({"model": model, "input": id}))).await;
+    }
+    // Per request: the distinct event ids of its replies, by type.
+    let mut seen: std::collections::BTreeMap<String, std::collections::BTreeSet<(String, String)>> = std::collections::BTreeMap::new();
+    let (mut copies, mut terminal) = (0, 0);
+    while terminal < N {
+        let reply = relay.amqp.next(&replies, Duration::from_secs(20)).await.unwrap_or_else(|| panic!("only {terminal} of {N} terminal replies: {seen:?}"));
+        let event = body(&reply);
+        let request_id = match kind(&reply).as_str() {
+            "response.queued" => event["data"]["request_id"].as_str().unwrap().to_owned(),
+            _ => event["data"]["response"]["metadata"]["relay_request_id"].as_str().unwrap().to_owned(),
+        };
+        copies += 1;
+        let new = seen.entry(request_id).or_default().insert((kind(&reply), event["id"].as_str().unwrap().to_owned()));
+        terminal += usize::from(new && kind(&reply) != "response.queued");
+    }
+    let elapsed = started.elapsed();
+    while relay.amqp.next(&replies, Duration::from_millis(300)).await.is_some() {
+        copies += 1;
+    }
+    let mut reconciled = 0;
+    for id in &ids {
+        let events = seen.get(id).cloned().unwrap_or_default();
+        let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(kinds.len(), 2, "{id}: one queued and one terminal event: {events:?}");
+        assert!(kinds.contains(&"response.queued") && kinds.contains(&"response.completed"), "{id}: {events:?}");
+        reconciled += events.iter().filter(|(_, e)| e.starts_with("reconciled_")).count();
+        assert_eq!(relay.openai.created_for(id).len(), 1, "{id}: one response");
+    }
+    assert_eq!(reconciled, N / 4, "the responses without webhook came through the safety net, the others not");
+    let posts = relay.openai.creates().len();
+    assert_eq!(posts, N + 3, "the 429s and one POST per request");
+    println!(
+        "gateway batch: requests={N} posts={posts} rate_limited=3 duplicate_posts={} responses={N} distinct_replies={} reply_copies={copies} reconciled={reconciled} webhooks={} seconds={:.1}",
+        posts - N - 3,
+        2 * N,
+        relay.openai.webhooks_sent(),
+        elapsed.as_secs_f64()
+    );
+    if copies > 2 * N {
+        let metrics = metrics(&relay).await;
+        println!("repeated reply copies, at-least-once; retries: {:?}", metrics.lines().filter(|l| l.starts_with("relay_retries_total")).collect::<Vec<_>>());
+    }
+}
