@@ -139,8 +139,8 @@ async fn run(settings: Settings) -> Result<ExitCode, String> {
     let channel = control.create_channel().await.map_err(|e| e.to_string())?;
     let tag = format!("bench.{:012x}", fastrand::u64(..) >> 16);
     let names = Names {
-        ingest: Topology { exchange: format!("{tag}.events"), inbox: format!("{tag}.inbox") },
-        worker: Topology { exchange: format!("{tag}.w.events"), inbox: format!("{tag}.w.inbox") },
+        ingest: Topology { exchange: format!("{tag}.events"), inbox: format!("{tag}.inbox"), requests: None },
+        worker: Topology { exchange: format!("{tag}.w.events"), inbox: format!("{tag}.w.inbox"), requests: None },
         baseline: format!("{tag}.baseline"),
     };
     let result = phases(&settings, &binary, &channel, &names).await;
@@ -304,6 +304,7 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
             ("AMQP_URL", settings.amqp_url.clone()),
             ("RELAY_EXCHANGE", topology.exchange.clone()),
             ("RELAY_INBOX_QUEUE", topology.inbox.clone()),
+            ("RELAY_REQUEST_QUEUE", String::new()),
         ]
     };
     let mut receiver = RelayProcess::spawn(binary, "receiver", addr, &relay_env(&names.ingest))?;

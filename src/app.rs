@@ -169,7 +169,6 @@ fn worker(config: &Config, broker: Broker, metrics: Arc<Metrics>) -> anyhow::Res
         api: ApiClient::new(args.openai_base_url.parse().context("OPENAI_BASE_URL")?, fetch_timeout, args.max_object_bytes, metrics.clone()),
         publisher: EventPublisher::new(broker.clone(), &topology.exchange, metrics.clone()),
         broker,
-        topology,
         metrics,
         dedup,
         policy: RetryPolicy {
@@ -180,5 +179,9 @@ fn worker(config: &Config, broker: Broker, metrics: Arc<Metrics>) -> anyhow::Res
         projects,
         concurrency: usize::from(args.fetch_concurrency),
         max_message_bytes: args.max_message_bytes,
+        topology: topology.clone(),
+        gateway: topology.requests.as_ref().map(|_| crate::gateway::Settings {
+            reconcile_after: (args.reconcile_after_secs > 0).then(|| Duration::from_secs(args.reconcile_after_secs)),
+        }),
     })
 }

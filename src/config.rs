@@ -35,6 +35,9 @@ pub enum Command {
     Tail(crate::cli::TailArgs),
     /// Move dead letters back into the inbox, with a count; `--dry-run` only lists them.
     ReplayDead(crate::cli::ReplayArgs),
+    /// Publish a request to the gateway (`--model`/`--input` or `--file`); `--wait` prints
+    /// its replies until it ends.
+    Request(crate::cli::RequestArgs),
 }
 
 /// Which halves of the pipeline this process runs.
@@ -137,6 +140,15 @@ pub struct ServeArgs {
     /// and OPENAI_API_KEY_<NAME> (upper-cased, `-` as `_`) and receives at /webhooks/openai/<name>.
     #[arg(long, env = "RELAY_PROJECTS")]
     pub projects: Option<String>,
+    /// Queue of requests to OpenAI (the background-mode gateway, consumed by the worker role);
+    /// also the prefix of the gateway's own queues. Empty turns the gateway off.
+    #[arg(long, env = "RELAY_REQUEST_QUEUE", default_value = "openai.requests")]
+    pub request_queue: String,
+    /// Seconds after OpenAI accepted a request through the gateway until the relay fetches
+    /// the response itself if no terminal webhook was handled for it (safety net); 0 turns
+    /// it off.
+    #[arg(long, env = "RELAY_RECONCILE_AFTER_SECS", default_value_t = 300)]
+    pub reconcile_after_secs: u64,
     /// Redis for deduplication across replicas (optional; in-process memory otherwise).
     #[arg(long, env = "RELAY_DEDUP_REDIS_URL", hide_env_values = true)]
     pub dedup_redis_url: Option<String>,
@@ -247,6 +259,9 @@ impl ServeArgs {
                 return Err(ConfigError::Invalid(name.into(), "must be 1 to 200 bytes".into()));
             }
         }
+        if self.request_queue.len() > 200 {
+            return Err(ConfigError::Invalid("RELAY_REQUEST_QUEUE".into(), "must be at most 200 bytes".into()));
+        }
         if let Some(url) = &self.dedup_redis_url {
             redis::Client::open(url.as_str()).map_err(|e| ConfigError::Invalid("RELAY_DEDUP_REDIS_URL".into(), e.to_string()))?;
         }
@@ -304,7 +319,8 @@ pub const MIN_DEDUP_TTL_SECS: u64 = 72 * 3600;
 
 impl Config {
     pub fn topology(&self) -> Topology {
-        Topology { exchange: self.args.exchange.clone(), inbox: self.args.inbox_queue.clone() }
+        let requests = (!self.args.request_queue.is_empty()).then(|| self.args.request_queue.clone());
+        Topology { exchange: self.args.exchange.clone(), inbox: self.args.inbox_queue.clone(), requests }
     }
 
     pub fn confirm_timeout(&self) -> Duration {

@@ -31,7 +31,13 @@ pub enum FetchError {
     #[error("connection failed: {0}")]
     Connect(String),
     #[error("HTTP {status}: {message}")]
-    Status { status: u16, message: String, retry_after: Option<Duration> },
+    Status {
+        status: u16,
+        message: String,
+        retry_after: Option<Duration>,
+        /// The API's `error` object, when the body had one.
+        api_error: Option<Box<RawValue>>,
+    },
     #[error("object exceeds the {0}-byte limit (RELAY_MAX_OBJECT_BYTES)")]
     TooLarge(usize),
     #[error("body is not JSON: {0}")]
@@ -74,6 +80,12 @@ impl FetchError {
             Self::Decode(_) => "decode".into(),
         }
     }
+}
+
+/// How one request ended, before a caller decides what a 404 means.
+enum Answer {
+    NotFound(String),
+    Failed(FetchError),
 }
 
 /// The OpenAI API, as far as the relay needs it.
@@ -126,28 +138,41 @@ impl ApiClient {
     }
 
     async fn attempt(&self, target: Target<'_>, key: &SecretString) -> Result<Fetched, FetchError> {
-        let response = self
-            .http
-            .get(self.url(target))
-            .bearer_auth(key.expose_secret())
-            .send()
-            .await
-            .map_err(transport)?;
+        match self.send(self.http.get(self.url(target)), key).await {
+            Ok(object) => Ok(Fetched::Object(object)),
+            Err(Answer::NotFound(message)) => Ok(Fetched::Gone { message }),
+            Err(Answer::Failed(e)) => Err(e),
+        }
+    }
+
+    /// `POST <base>/<segments...>` with a JSON `body` (the gateway's create and cancel):
+    /// one attempt, the answer as sent. A 404 is an error here (`Status`), not `Gone`.
+    pub async fn post(&self, segments: &[&str], body: Vec<u8>, key: &SecretString) -> Result<Box<RawValue>, FetchError> {
+        let mut url = self.base.clone();
+        url.path_segments_mut().expect("http(s) base URL").pop_if_empty().extend(segments);
+        let request = self.http.post(url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
+        self.send(request, key).await.map_err(|answer| match answer {
+            Answer::NotFound(message) => FetchError::Status { status: 404, message, retry_after: None, api_error: None },
+            Answer::Failed(e) => e,
+        })
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder, key: &SecretString) -> Result<Box<RawValue>, Answer> {
+        let response = request.bearer_auth(key.expose_secret()).send().await.map_err(|e| Answer::Failed(transport(e)))?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
         if response.content_length().is_some_and(|n| n > self.max_bytes as u64) {
-            return Err(FetchError::TooLarge(self.max_bytes));
+            return Err(Answer::Failed(FetchError::TooLarge(self.max_bytes)));
         }
-        let body = self.read_capped(response).await?;
+        let body = self.read_capped(response).await.map_err(Answer::Failed)?;
         if status == StatusCode::NOT_FOUND {
-            return Ok(Fetched::Gone { message: error_message(&body) });
+            return Err(Answer::NotFound(error_message(&body)));
         }
         if !status.is_success() {
-            return Err(FetchError::Status { status: status.as_u16(), message: error_message(&body), retry_after });
+            let api_error = api_error(&body);
+            return Err(Answer::Failed(FetchError::Status { status: status.as_u16(), message: error_message(&body), retry_after, api_error }));
         }
-        serde_json::from_slice::<Box<RawValue>>(&body)
-            .map(Fetched::Object)
-            .map_err(|e| FetchError::Decode(e.to_string()))
+        serde_json::from_slice::<Box<RawValue>>(&body).map_err(|e| Answer::Failed(FetchError::Decode(e.to_string())))
     }
 
     /// Reads the body without ever holding more than the limit (chunked bodies carry no length).
@@ -192,6 +217,15 @@ fn error_message(body: &[u8]) -> String {
         Ok(parsed) => parsed.error.message,
         Err(_) => String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
     }
+}
+
+/// The `error` object of an API error body (`{"error": {...}}`), as sent.
+fn api_error(body: &[u8]) -> Option<Box<RawValue>> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: Box<RawValue>,
+    }
+    serde_json::from_slice::<Body>(body).ok().map(|b| b.error).filter(|e| e.get().starts_with('{'))
 }
 
 /// The longest delay taken from the API's headers. Whatever a server (or a gateway in front
@@ -273,7 +307,7 @@ mod tests {
 
     #[test]
     fn transient_and_misconfiguration_statuses_are_retryable() {
-        let status = |s| FetchError::Status { status: s, message: String::new(), retry_after: None };
+        let status = |s| FetchError::Status { status: s, message: String::new(), retry_after: None, api_error: None };
         for s in [401, 403, 408, 409, 429, 500, 502, 503] {
             assert!(status(s).is_retryable(), "{s}");
         }

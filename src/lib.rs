@@ -13,6 +13,9 @@
 //! - [`fetch`]: gets the object from the OpenAI API.
 //! - [`normalize`]: builds the CloudEvent (pure).
 //! - [`publish`]: publishes it to the output topic exchange.
+//! - [`gateway`]: the other direction: requests to OpenAI through RabbitMQ (`request`),
+//!   the events the relay makes and the replies (`reply`), and the safety net that fetches
+//!   a response whose terminal webhook never came (`reconcile`).
 //!
 //! Around them: [`broker`] keeps the RabbitMQ connection alive, [`topology`] names and
 //! declares the queues and exchange, [`config`] reads flags and environment, [`app`] wires a
@@ -25,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod fetch;
+pub mod gateway;
 pub mod http;
 pub mod inbox;
 pub mod metrics;

@@ -14,6 +14,7 @@ async fn main() -> ExitCode {
         Command::Send(args) => cli::send(args).await,
         Command::Tail(args) => cli::tail(args).await,
         Command::ReplayDead(args) => cli::replay_dead(args).await,
+        Command::Request(args) => cli::request(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

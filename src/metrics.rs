@@ -68,6 +68,17 @@ pub struct Metrics {
     pub migrated_messages: Counter,
     /// 1 while Redis is configured for dedup but unreachable, so dedup is per process.
     pub dedup_fallback: Gauge,
+    /// Gateway requests by outcome (`created`, `cancelled`, `duplicate`, `refused`, ...).
+    pub gateway_requests: Family<Labels, Counter>,
+    /// HTTP calls the gateway made to OpenAI, by action and status: with
+    /// `gateway_requests{outcome="created"}` it shows duplicate POSTs.
+    pub gateway_posts: Family<Labels, Counter>,
+    /// Copies of events sent to a request's `reply_to` queue, by outcome (`delivered`, or
+    /// `unroutable` when the queue does not exist; not retried).
+    pub replies: Family<Labels, Counter>,
+    /// Safety-net watches that came due, by outcome (`reconciled`, `webhook_first`,
+    /// `rewatched`, `expired`, `gone`).
+    pub watches: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -95,6 +106,10 @@ impl Default for Metrics {
             queues_outdated: Gauge::default(),
             migrated_messages: Counter::default(),
             dedup_fallback: Gauge::default(),
+            gateway_requests: Family::default(),
+            gateway_posts: Family::default(),
+            replies: Family::default(),
+            watches: Family::default(),
         };
         let r = &mut m.registry;
         r.register("deliveries", "Webhook deliveries by outcome", m.deliveries.clone());
@@ -118,6 +133,10 @@ impl Default for Metrics {
         r.register("queues_outdated", "Queues in use under an older version's arguments", m.queues_outdated.clone());
         r.register("migrated_messages", "Messages moved out of queues an older version left", m.migrated_messages.clone());
         r.register("dedup_fallback", "1 while configured Redis dedup is unreachable and dedup is per process", m.dedup_fallback.clone());
+        r.register("gateway_requests", "Gateway requests by outcome", m.gateway_requests.clone());
+        r.register("gateway_posts", "Gateway calls to the OpenAI API by action and status", m.gateway_posts.clone());
+        r.register("replies", "Event copies sent to reply_to queues by outcome", m.replies.clone());
+        r.register("watches", "Safety-net watches that came due by outcome", m.watches.clone());
         m
     }
 }

@@ -54,18 +54,20 @@ pub fn normalize(
     Ok(serde_json::to_vec(&event)?)
 }
 
+/// The CloudEvents 1.0 structured-mode envelope; `data` is what differs between the events
+/// made from webhooks (here) and the ones the gateway makes itself.
 #[derive(serde::Serialize)]
-struct CloudEvent<'a> {
-    specversion: &'static str,
-    id: &'a str,
-    source: &'a str,
+pub(crate) struct CloudEvent<'a, D> {
+    pub specversion: &'static str,
+    pub id: &'a str,
+    pub source: &'a str,
     #[serde(rename = "type")]
-    kind: String,
+    pub kind: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    subject: Option<&'a str>,
-    time: String,
-    datacontenttype: &'static str,
-    data: Data<'a>,
+    pub subject: Option<&'a str>,
+    pub time: String,
+    pub datacontenttype: &'static str,
+    pub data: D,
 }
 
 struct Data<'a> {

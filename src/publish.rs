@@ -12,6 +12,7 @@ use lapin::types::{AMQPValue, FieldTable};
 
 use crate::broker::{Broker, Outgoing, PublishError};
 use crate::envelope::Envelope;
+use crate::gateway::reply::{ReplyTo, routed};
 use crate::inbox::{HEADER_PROJECT, HEADER_TRACEPARENT, PERSISTENT};
 use crate::metrics::Metrics;
 use crate::verify::HEADER_ID;
@@ -30,7 +31,9 @@ impl EventPublisher {
         Self { broker, exchange: exchange.into(), metrics }
     }
 
-    /// Publishes `cloud_event` (the output of `normalize`) and waits for the broker's confirm.
+    /// Publishes `cloud_event` (the output of `normalize`) and waits for the broker's confirm;
+    /// with `reply` (a terminal event of a gateway response), also a copy to the request's
+    /// reply queue, which is then enough for an event no exchange binding takes.
     pub async fn publish(
         &self,
         envelope: &Envelope,
@@ -38,14 +41,18 @@ impl EventPublisher {
         project: Option<&str>,
         traceparent: Option<&str>,
         cloud_event: &[u8],
+        reply: Option<&ReplyTo>,
     ) -> Result<(), PublishError> {
         let properties = properties(envelope, webhook_id, project, traceparent);
-        let message = Outgoing { exchange: &self.exchange, routing_key: &envelope.kind, body: cloud_event, properties };
+        let message = Outgoing { exchange: &self.exchange, routing_key: &envelope.kind, body: cloud_event, properties: properties.clone() };
         let result = self.broker.publish(message, &self.metrics.publish_confirm_seconds).await;
         if matches!(result, Err(PublishError::Unroutable(_))) {
             self.metrics.unroutable.inc();
         }
-        result
+        match reply {
+            Some(reply) => routed(&self.broker, &self.metrics, result, Some(reply), properties, cloud_event, true).await,
+            None => result,
+        }
     }
 }
 

@@ -395,7 +395,7 @@ fn the_example_secret_shows_two_webhook_secrets_for_rotation() {
 
 #[test]
 fn definitions_json_declares_exactly_the_relays_default_topology() {
-    let topology = Topology { exchange: "openai.events".into(), inbox: "openai.webhooks.inbox".into() };
+    let topology = Topology { exchange: "openai.events".into(), inbox: "openai.webhooks.inbox".into(), requests: Some("openai.requests".into()) };
     let definitions: serde_json::Value = serde_json::from_str(&read("rabbitmq/definitions.json")).expect("valid JSON");
     assert!(definitions["rabbit_version"].is_string());
     assert!(definitions["vhosts"].as_array().unwrap().iter().any(|v| v["name"] == "/"));

@@ -160,6 +160,17 @@ impl Broker {
     /// neither, because a broker under a resource alarm blocks publishers without any error
     /// and a new channel would be blocked as well.
     pub async fn publish(&self, message: Outgoing<'_>, latency: &Histogram) -> Result<(), PublishError> {
+        self.send(message, latency, true).await
+    }
+
+    /// [`Broker::publish`] without `mandatory`: for a copy that may go nowhere (a made event
+    /// on an exchange nobody binds). The broker returns nothing for it, and a return is never
+    /// matched with another publish's confirm on the shared channel.
+    pub async fn publish_optional(&self, message: Outgoing<'_>, latency: &Histogram) -> Result<(), PublishError> {
+        self.send(message, latency, false).await
+    }
+
+    async fn send(&self, message: Outgoing<'_>, latency: &Histogram, mandatory: bool) -> Result<(), PublishError> {
         let link = self.link().ok_or(PublishError::NotConnected)?;
         let channel = link.channel();
         let started = Instant::now();
@@ -168,7 +179,7 @@ impl Broker {
                 .basic_publish(
                     message.exchange.into(),
                     message.routing_key.into(),
-                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    BasicPublishOptions { mandatory, ..Default::default() },
                     message.body,
                     message.properties,
                 )

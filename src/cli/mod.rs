@@ -1,6 +1,7 @@
-//! Operator subcommands beside `serve`: `send`, `tail` and `replay-dead`.
+//! Operator subcommands beside `serve`: `send`, `tail`, `replay-dead` and `request`.
 
 mod replay;
+mod request;
 mod send;
 mod tail;
 
@@ -8,6 +9,7 @@ use clap::Args;
 use lapin::{Connection, ConnectionProperties};
 
 pub use replay::{ReplayArgs, replay_dead};
+pub use request::{RequestArgs, request};
 pub use send::{SendArgs, send};
 pub use tail::{TailArgs, tail};
 

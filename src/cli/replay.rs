@@ -30,7 +30,7 @@ pub struct ReplayArgs {
 }
 
 pub async fn replay_dead(args: ReplayArgs) -> anyhow::Result<()> {
-    let topology = Topology { exchange: String::new(), inbox: args.inbox_queue.clone() };
+    let topology = Topology { exchange: String::new(), inbox: args.inbox_queue.clone(), requests: None };
     let dead = topology.dead();
     let connection = args.broker.connect().await?;
     let channel = connection.create_channel().await?;

@@ -6,6 +6,13 @@
 //! <inbox>.delay.<tier>   quorum  parked retries; an expired message dead-letters back to <inbox>
 //! <inbox>.dead           quorum  deliveries that ran out of attempts or cannot succeed
 //! <exchange>             topic   normalized CloudEvents, routing key = OpenAI event type
+//!
+//! with the gateway on (`RELAY_REQUEST_QUEUE`, see `gateway`):
+//! <requests>                      quorum  requests to OpenAI, consumed by the worker
+//! <requests>.delay.<tier>         quorum  parked request retries; expire back to <requests>
+//! <requests>.dead                 quorum  refused requests and expired watches, with the reason
+//! <requests>.watch                quorum  safety-net watches that came due
+//! <requests>.watch.delay.<tier>   quorum  parked watches; expire into <requests>.watch
 //! ```
 //!
 //! Every queue is a quorum queue: replicated on a cluster, and the only kind whose
@@ -66,6 +73,9 @@ pub struct Topology {
     pub exchange: String,
     /// Inbox queue (`RELAY_INBOX_QUEUE`); the delay and dead-letter queues derive from it.
     pub inbox: String,
+    /// Request queue of the gateway (`RELAY_REQUEST_QUEUE`); `None` when the gateway is off.
+    /// Every queue of the gateway starts with `<requests>.`.
+    pub requests: Option<String>,
 }
 
 /// A queue argument value, as RabbitMQ stores it (and as `definitions.json` writes it).
@@ -151,6 +161,34 @@ impl Topology {
             QueueSpec::quorum(self.inbox.clone(), &dead, Some(INBOX_DELIVERY_LIMIT)),
         ];
         specs.extend(DELAY_TIERS.iter().map(|tier| QueueSpec::quorum(self.delay_queue(*tier), &self.inbox, None)));
+        specs.extend(self.gateway_specs());
+        specs
+    }
+
+    /// `<requests>.dead`.
+    pub fn requests_dead(&self) -> Option<String> {
+        self.requests.as_ref().map(|r| format!("{r}.dead"))
+    }
+
+    /// `<requests>.watch`: where the safety net's parked watches arrive when due.
+    pub fn watch(&self) -> Option<String> {
+        self.requests.as_ref().map(|r| format!("{r}.watch"))
+    }
+
+    /// The gateway's queues (none when it is off): the request queue and the watch queue,
+    /// each with its delay tiers, and their common dead-letter queue.
+    fn gateway_specs(&self) -> Vec<QueueSpec> {
+        let (Some(requests), Some(dead), Some(watch)) = (&self.requests, self.requests_dead(), self.watch()) else {
+            return Vec::new();
+        };
+        let mut specs = vec![
+            QueueSpec::quorum(dead.clone(), &dead, Some(DEAD_DELIVERY_LIMIT)),
+            QueueSpec::quorum(requests.clone(), &dead, Some(INBOX_DELIVERY_LIMIT)),
+            QueueSpec::quorum(watch.clone(), &dead, Some(INBOX_DELIVERY_LIMIT)),
+        ];
+        for target in [requests, &watch] {
+            specs.extend(DELAY_TIERS.iter().map(|tier| QueueSpec::quorum(delay_queue(target, *tier), target, None)));
+        }
         specs
     }
 
@@ -196,7 +234,7 @@ mod tests {
 
     #[test]
     fn delays_land_in_the_smallest_tier_that_holds_them() {
-        let t = Topology { exchange: "x".into(), inbox: "in".into() };
+        let t = Topology { exchange: "x".into(), inbox: "in".into(), requests: None };
         assert_eq!(t.delay_queue(Duration::from_millis(1)), "in.delay.100ms");
         assert_eq!(t.delay_queue(Duration::from_millis(400)), "in.delay.400ms");
         assert_eq!(t.delay_queue(Duration::from_millis(401)), "in.delay.1600ms");
@@ -206,15 +244,21 @@ mod tests {
 
     #[test]
     fn every_queue_is_quorum_and_dead_letters_at_least_once_with_reject_publish() {
-        let t = Topology { exchange: "x".into(), inbox: "in".into() };
+        let t = Topology { exchange: "x".into(), inbox: "in".into(), requests: Some("rq".into()) };
+        assert_eq!(t.queues().len(), 11 + 21);
         for spec in t.queue_specs() {
             let arg = |key| spec.arguments.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
             assert_eq!(arg("x-queue-type"), Some(Arg::Str("quorum".into())), "{}", spec.name);
             assert_eq!(arg("x-dead-letter-strategy"), Some(Arg::Str("at-least-once".into())), "{}", spec.name);
             assert_eq!(arg("x-overflow"), Some(Arg::Str("reject-publish".into())), "{}", spec.name);
-            let expected = if spec.name.starts_with("in.delay.") { "in" } else { "in.dead" };
-            assert_eq!(spec.arguments_target(), Some(expected), "{}", spec.name);
-            if !spec.name.starts_with("in.delay.") {
+            let expected = match spec.name.split_once(".delay.") {
+                Some((target, _)) => target.to_owned(),
+                None if spec.name.starts_with("rq") => "rq.dead".to_owned(),
+                None => "in.dead".to_owned(),
+            };
+            assert_eq!(spec.arguments_target(), Some(expected.as_str()), "{}", spec.name);
+            assert!(spec.name == "in" || spec.name.starts_with("in.") || spec.name == "rq" || spec.name.starts_with("rq."), "{}", spec.name);
+            if !spec.name.contains(".delay.") {
                 assert!(matches!(arg("x-delivery-limit"), Some(Arg::Int(n)) if n > 20), "{}: explicit limit above 4.x's 20", spec.name);
             }
         }

@@ -101,6 +101,23 @@ impl Store<'_> {
         }
     }
 
+    /// Remembers `value` under `key` beside the claims (the gateway records each created
+    /// response here before it acks the request), for as long as a published id.
+    pub async fn record(self, key: &str, value: &str) {
+        match self {
+            Self::Memory(m) => m.record(key, value),
+            Self::Redis(r) => r.record(key, value).await,
+        }
+    }
+
+    /// What [`Store::record`] remembered under `key`.
+    pub async fn recorded(self, key: &str) -> Option<String> {
+        match self {
+            Self::Memory(m) => m.recorded(key),
+            Self::Redis(r) => r.recorded(key).await,
+        }
+    }
+
     /// The claimed id was not published (it will be retried or dead-lettered): forget the
     /// claim, so that its next delivery is handled.
     pub async fn release(self, key: &str) {
@@ -125,6 +142,9 @@ struct State {
     seen: HashMap<String, Option<Instant>>,
     /// Published ids, oldest first, for expiry.
     published: VecDeque<(Instant, String)>,
+    /// Values recorded beside the claims, oldest first, bounded like the published ids.
+    records: HashMap<String, String>,
+    recorded: VecDeque<(Instant, String)>,
 }
 
 impl Memory {
@@ -161,6 +181,25 @@ impl Memory {
         state.published.push_back((now, id.to_owned()));
     }
 
+    fn record(&self, key: &str, value: &str) {
+        let mut state = self.state.lock().expect("dedup lock");
+        let now = Instant::now();
+        while let Some((at, _)) = state.recorded.front() {
+            if now.duration_since(*at) <= self.window && state.recorded.len() < self.capacity {
+                break;
+            }
+            let (_, old) = state.recorded.pop_front().expect("front exists");
+            state.records.remove(&old);
+        }
+        if state.records.insert(key.to_owned(), value.to_owned()).is_none() {
+            state.recorded.push_back((now, key.to_owned()));
+        }
+    }
+
+    fn recorded(&self, key: &str) -> Option<String> {
+        self.state.lock().expect("dedup lock").records.get(key).cloned()
+    }
+
     fn release(&self, id: &str) {
         let mut state = self.state.lock().expect("dedup lock");
         if state.seen.get(id) == Some(&None) {
@@ -170,6 +209,7 @@ impl Memory {
 }
 
 const KEY_PREFIX: &str = "openai-webhook-relay:dedup:";
+const RECORD_PREFIX: &str = "openai-webhook-relay:record:";
 const DONE: &str = "done";
 
 /// Claims shared through Redis: `SET key pending:<worker> NX PX <pending_ttl>` before the
@@ -235,6 +275,25 @@ impl Shared {
         }
     }
 
+    async fn record(&self, key: &str, value: &str) {
+        let mut redis = self.redis.clone();
+        let set: redis::RedisResult<()> = redis::cmd("SET").arg(format!("{RECORD_PREFIX}{key}")).arg(value).arg("EX").arg(self.ttl.as_secs()).query_async(&mut redis).await;
+        if let Err(error) = set {
+            tracing::warn!(%error, "dedup could not record a created response; a redelivery may create another");
+        }
+    }
+
+    async fn recorded(&self, key: &str) -> Option<String> {
+        let mut redis = self.redis.clone();
+        match redis::cmd("GET").arg(format!("{RECORD_PREFIX}{key}")).query_async::<Option<String>>(&mut redis).await {
+            Ok(value) => value,
+            Err(error) => {
+                tracing::warn!(%error, "dedup could not look up a created response");
+                None
+            }
+        }
+    }
+
     async fn release(&self, key: &str) {
         // Delete only our own pending claim, never another replica's or a `done`.
         let script = redis::Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0");
@@ -267,6 +326,19 @@ mod tests {
         assert_eq!(d.claim("wh_1"), Claim::Fresh);
         d.release("wh_1");
         assert_eq!(d.claim("wh_1"), Claim::Fresh);
+    }
+
+    #[test]
+    fn a_recorded_value_is_kept_apart_from_claims_and_bounded() {
+        let d = Memory::new(Duration::from_secs(60), 2);
+        assert_eq!(d.recorded("rq/1"), None);
+        d.record("rq/1", "resp_1");
+        assert_eq!(d.claim("rq/1"), Claim::Fresh, "a record is no claim");
+        assert_eq!(d.recorded("rq/1").as_deref(), Some("resp_1"));
+        d.record("rq/2", "resp_2");
+        d.record("rq/3", "resp_3");
+        assert_eq!(d.recorded("rq/1"), None, "the oldest record went at the capacity");
+        assert_eq!(d.recorded("rq/3").as_deref(), Some("resp_3"));
     }
 
     #[test]

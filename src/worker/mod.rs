@@ -32,7 +32,8 @@ pub use dedup::{Claim, Dedup, Store};
 use retry::{Failure, RetryPolicy};
 
 use crate::broker::{Broker, Link, PublishError};
-use crate::envelope::{self, Envelope};
+use crate::envelope::{self, Envelope, ObjectKind};
+use crate::gateway::reply;
 use crate::fetch::{ApiClient, Fetched};
 use crate::inbox::{HEADER_ATTEMPTS, HEADER_PROJECT, HEADER_TRACEPARENT, header, int_header};
 use crate::metrics::{InFlight, Metrics, label};
@@ -59,6 +60,8 @@ pub struct Worker {
     pub concurrency: usize,
     /// Largest CloudEvent the broker takes (`RELAY_MAX_MESSAGE_BYTES`).
     pub max_message_bytes: usize,
+    /// The background-mode gateway, when `RELAY_REQUEST_QUEUE` is set.
+    pub gateway: Option<crate::gateway::Settings>,
 }
 
 /// What the worker needs of one OpenAI project.
@@ -67,9 +70,23 @@ pub struct WorkerProject {
     pub source: String,
 }
 
+/// Which queue a delivery came from, and so how it is handled and where it is parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// Verified webhooks.
+    Inbox,
+    /// Gateway requests (`<requests>`).
+    Requests,
+    /// Safety-net watches that came due (`<requests>.watch`).
+    Watch,
+}
+
 /// How one delivery ended.
-enum Disposition {
+pub(crate) enum Disposition {
     Published,
+    /// Settled by its handler (a watch parked again, a cancel of a response that had ended):
+    /// ack, and the dedup claim is released rather than completed.
+    Done,
     Duplicate,
     /// Another replica holds the claim on this delivery: look again later, no attempt used.
     Busy,
@@ -85,6 +102,19 @@ impl Worker {
     /// (the caller bounds how long), and returns.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
+        let mut lanes = vec![(Lane::Inbox, self.topology.inbox.clone())];
+        if let (Some(_), Some(requests), Some(watch)) = (&self.gateway, &self.topology.requests, self.topology.watch()) {
+            lanes.push((Lane::Requests, requests.clone()));
+            lanes.push((Lane::Watch, watch));
+        }
+        let consumers = lanes.into_iter().map(|(lane, queue)| Arc::clone(&self).run_lane(lane, queue, shutdown.clone(), tasks.clone()));
+        futures::future::join_all(consumers).await;
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    /// Consumes `queue` on every link until `shutdown`.
+    async fn run_lane(self: Arc<Self>, lane: Lane, queue: String, shutdown: CancellationToken, tasks: TaskTracker) {
         let mut links = self.broker.subscribe();
         while !shutdown.is_cancelled() {
             let link = tokio::select! {
@@ -94,29 +124,27 @@ impl Worker {
                 },
                 () = shutdown.cancelled() => break,
             };
-            if let Err(error) = self.consume(&link, &shutdown, &tasks).await {
+            if let Err(error) = self.consume(&link, lane, &queue, &shutdown, &tasks).await {
                 // Only this consumer's channel: the connection and the publishing channel
                 // are the supervisor's to judge.
-                tracing::warn!(%error, "inbox consumer stopped; re-attaching");
+                tracing::warn!(%error, %queue, "consumer stopped; re-attaching");
                 tokio::select! {
                     () = tokio::time::sleep(REATTACH_PAUSE) => {}
                     () = shutdown.cancelled() => {}
                 }
             }
         }
-        tasks.close();
-        tasks.wait().await;
     }
 
-    async fn consume(self: &Arc<Self>, link: &Link, shutdown: &CancellationToken, tasks: &TaskTracker) -> lapin::Result<()> {
+    async fn consume(self: &Arc<Self>, link: &Link, lane: Lane, queue: &str, shutdown: &CancellationToken, tasks: &TaskTracker) -> lapin::Result<()> {
         let channel = link.connection.create_channel().await?;
         // Twice the concurrency: the next deliveries are already here when a slot frees up.
         let prefetch = u16::try_from(self.concurrency * 2).unwrap_or(u16::MAX);
         channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let mut consumer = channel
-            .basic_consume(self.topology.inbox.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await?;
-        tracing::info!(queue = %self.topology.inbox, prefetch, "consuming the inbox");
+        tracing::info!(%queue, prefetch, "consuming");
         let slots = Arc::new(Semaphore::new(self.concurrency));
         loop {
             let slot = tokio::select! {
@@ -129,7 +157,7 @@ impl Worker {
             };
             match delivery {
                 Some(Ok(delivery)) => {
-                    tasks.spawn(Arc::clone(self).handle(delivery, slot, shutdown.clone()));
+                    tasks.spawn(Arc::clone(self).handle(lane, delivery, slot, shutdown.clone()));
                 }
                 Some(Err(error)) => return Err(error),
                 None => return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed))),
@@ -143,19 +171,34 @@ impl Worker {
         Ok(())
     }
 
-    async fn handle(self: Arc<Self>, delivery: Delivery, _slot: OwnedSemaphorePermit, shutdown: CancellationToken) {
+    async fn handle(self: Arc<Self>, lane: Lane, delivery: Delivery, _slot: OwnedSemaphorePermit, shutdown: CancellationToken) {
         let _in_flight = InFlight::track(&self.metrics.deliveries_in_flight);
         let properties = &delivery.properties;
-        let webhook_id = header(properties, HEADER_ID).map(str::to_owned);
         let project = header(properties, HEADER_PROJECT).map(str::to_owned);
         let used = u32::try_from(int_header(properties, HEADER_ATTEMPTS).unwrap_or(0)).unwrap_or(0);
-        // Warn level, so that the ids stay on every warning and error at `RUST_LOG=warn`.
-        let span = tracing::warn_span!("deliver", project = project.as_deref().unwrap_or("default"), webhook_id = webhook_id.as_deref().unwrap_or(""), event_id = tracing::field::Empty, event_type = tracing::field::Empty, object_id = tracing::field::Empty, attempt = used + 1);
+        let span = match lane {
+            // Warn level, so that the ids stay on every warning and error at `RUST_LOG=warn`.
+            Lane::Inbox => {
+                let webhook_id = header(properties, HEADER_ID).unwrap_or("");
+                tracing::warn_span!("deliver", project = project.as_deref().unwrap_or("default"), webhook_id, event_id = tracing::field::Empty, event_type = tracing::field::Empty, object_id = tracing::field::Empty, attempt = used + 1)
+            }
+            Lane::Requests | Lane::Watch => {
+                let message_id = properties.message_id().as_ref().map_or("", |id| id.as_str());
+                tracing::warn_span!("gateway", ?lane, project = project.as_deref().unwrap_or("default"), message_id, response_id = tracing::field::Empty, attempt = used + 1)
+            }
+        };
         async move {
             // A panic is this delivery's failure, not the process's: it is dead-lettered with
             // the panic message, and its dedup claim is released on the way (see `process`).
-            let disposition = isolated(self.process(&delivery, project, webhook_id.as_deref()), &self.metrics).await;
-            self.settle(&delivery, used + 1, disposition, &shutdown).await;
+            let work = async {
+                match lane {
+                    Lane::Inbox => self.process(&delivery, project, header(&delivery.properties, HEADER_ID)).await,
+                    Lane::Requests => crate::gateway::request::process(&self, &delivery, project, used + 1).await,
+                    Lane::Watch => crate::gateway::reconcile::process(&self, &delivery, project).await,
+                }
+            };
+            let disposition = isolated(work, &self.metrics).await;
+            self.settle(lane, &delivery, used + 1, disposition, &shutdown).await;
         }
         .instrument(span)
         .await;
@@ -227,17 +270,23 @@ impl Worker {
             return Disposition::Dead(failure(None, "too_large", message, None));
         }
         let traceparent = header(&delivery.properties, HEADER_TRACEPARENT);
-        match self.publisher.publish(envelope, webhook_id, project, traceparent, &cloud_event).await {
+        // A terminal event of a response created through the gateway: published once whichever
+        // of the webhook and the safety net sees it first, and copied to its reply queue.
+        let origin = match (&fetched, envelope.subject()) {
+            (Some((ObjectKind::Response, Fetched::Object(object))), Some(id)) if reply::is_terminal(&envelope.kind) => reply::Origin::of(object).map(|o| (id, o)),
+            _ => None,
+        };
+        let publish = async |reply: Option<&reply::ReplyTo>| match self.publisher.publish(envelope, webhook_id, project, traceparent, &cloud_event, reply).await {
             Ok(()) => {
                 self.metrics.events_published.get_or_create(&label("enrichment", how)).inc();
                 tracing::info!(enrichment = how, "event published");
                 Disposition::Published
             }
-            Err(e @ PublishError::Unroutable(_)) => Disposition::Retry(failure(None, "unroutable", e.to_string(), None)),
-            // Refused for this message (a consumer's full queue, a channel error): counts as
-            // an attempt, so a message the broker never takes ends in the dead-letter queue.
-            Err(e @ (PublishError::Nacked | PublishError::Channel(_))) => Disposition::Retry(failure(None, "broker_refused", e.to_string(), None)),
-            Err(e @ (PublishError::NotConnected | PublishError::Timeout(_))) => Disposition::BrokerUnavailable(e),
+            Err(e) => publish_failed(e),
+        };
+        match origin {
+            None => publish(None).await,
+            Some((id, origin)) => claimed(self.dedup.store(), &reply::terminal_key(id), publish(origin.reply.as_ref()), &self.metrics).await,
         }
     }
 
@@ -245,10 +294,10 @@ impl Worker {
     /// then acks it. A move the broker does not confirm is tried again, with a growing
     /// pause, for as long as the delivery is ours; the delivery is never nacked meanwhile
     /// (each redelivery would fetch again and count towards the inbox's delivery limit).
-    async fn settle(&self, delivery: &Delivery, attempts: u32, disposition: Disposition, shutdown: &CancellationToken) {
+    async fn settle(&self, lane: Lane, delivery: &Delivery, attempts: u32, disposition: Disposition, shutdown: &CancellationToken) {
         let mut pause = Duration::from_secs(1);
         loop {
-            let moved = self.move_out(delivery, attempts, &disposition).await;
+            let moved = self.move_out(lane, delivery, attempts, &disposition).await;
             match moved {
                 Ok(()) => return self.ack(delivery).await,
                 Err(error) if delivery.acker.poisoned() => {
@@ -275,9 +324,14 @@ impl Worker {
     }
 
     /// The broker-side half of settling: `Ok` once the delivery no longer needs the inbox.
-    async fn move_out(&self, delivery: &Delivery, attempts: u32, disposition: &Disposition) -> Result<(), PublishError> {
+    async fn move_out(&self, lane: Lane, delivery: &Delivery, attempts: u32, disposition: &Disposition) -> Result<(), PublishError> {
+        let (target, dead) = match lane {
+            Lane::Inbox => (self.topology.inbox.clone(), self.topology.dead()),
+            Lane::Requests => (self.topology.requests.clone().unwrap_or_default(), self.topology.requests_dead().unwrap_or_default()),
+            Lane::Watch => (self.topology.watch().unwrap_or_default(), self.topology.requests_dead().unwrap_or_default()),
+        };
         let (used, delay, f) = match disposition {
-            Disposition::Published => return Ok(()),
+            Disposition::Published | Disposition::Done => return Ok(()),
             Disposition::Duplicate => {
                 self.metrics.duplicates.inc();
                 tracing::info!("duplicate delivery skipped");
@@ -301,10 +355,10 @@ impl Worker {
             }
             Disposition::Retry(f) | Disposition::Dead(f) => {
                 tracing::error!(reason = %f.reason, error.message = %f.message, attempts, "dead-lettered");
-                return retry::dead_letter(&self.broker, &self.topology, &self.metrics, delivery, attempts, f).await;
+                return retry::dead_letter(&self.broker, &dead, &self.metrics, delivery, attempts, f).await;
             }
         };
-        retry::park(&self.broker, &self.topology, &self.metrics, delivery, used, delay, &f).await
+        retry::park(&self.broker, &target, &self.metrics, delivery, used, delay, &f).await
     }
 
     async fn ack(&self, delivery: &Delivery) {
@@ -325,9 +379,20 @@ impl Worker {
     }
 }
 
+/// What a failed publish of an event means for its delivery.
+pub(crate) fn publish_failed(e: PublishError) -> Disposition {
+    match e {
+        PublishError::Unroutable(_) => Disposition::Retry(failure(None, "unroutable", e.to_string(), None)),
+        // Refused for this message (a consumer's full queue, a channel error): counts as
+        // an attempt, so a message the broker never takes ends in the dead-letter queue.
+        PublishError::Nacked | PublishError::Channel(_) => Disposition::Retry(failure(None, "broker_refused", e.to_string(), None)),
+        PublishError::NotConnected | PublishError::Timeout(_) => Disposition::BrokerUnavailable(e),
+    }
+}
+
 /// Runs `work` under the dedup claim on `key`: only a published delivery completes the
 /// claim, anything else (a panic included) releases it, so that a later copy is handled.
-async fn claimed(store: Store<'_>, key: &str, work: impl Future<Output = Disposition>, metrics: &Metrics) -> Disposition {
+pub(crate) async fn claimed(store: Store<'_>, key: &str, work: impl Future<Output = Disposition>, metrics: &Metrics) -> Disposition {
     match store.claim(key).await {
         Claim::Fresh => {}
         Claim::Duplicate => return Disposition::Duplicate,
@@ -343,7 +408,7 @@ async fn claimed(store: Store<'_>, key: &str, work: impl Future<Output = Disposi
 
 /// A panic while handling a delivery is that delivery's failure, not the process's: it is
 /// dead-lettered with the panic message instead of sitting unacked until the channel closes.
-async fn isolated(work: impl Future<Output = Disposition>, metrics: &Metrics) -> Disposition {
+pub(crate) async fn isolated(work: impl Future<Output = Disposition>, metrics: &Metrics) -> Disposition {
     AssertUnwindSafe(work).catch_unwind().await.unwrap_or_else(|panic| {
         let message = panic
             .downcast_ref::<&str>()
@@ -356,7 +421,7 @@ async fn isolated(work: impl Future<Output = Disposition>, metrics: &Metrics) ->
     })
 }
 
-fn failure(status: Option<u16>, reason: &str, message: String, retry_after: Option<Duration>) -> Failure {
+pub(crate) fn failure(status: Option<u16>, reason: &str, message: String, retry_after: Option<Duration>) -> Failure {
     Failure { status, reason: reason.to_owned(), message, retry_after }
 }
 

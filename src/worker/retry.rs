@@ -14,7 +14,7 @@ use lapin::types::AMQPValue;
 use crate::broker::{Broker, Outgoing, PublishError};
 use crate::inbox::{HEADER_ATTEMPTS, PERSISTENT, unix_now};
 use crate::metrics::Metrics;
-use crate::topology::{MAX_DELAY, Topology};
+use crate::topology::{MAX_DELAY, delay_queue};
 
 /// Headers on dead letters (and the last error on parked retries).
 pub const HEADER_ERROR_STATUS: &str = "x-relay-error-status";
@@ -56,10 +56,11 @@ impl RetryPolicy {
     }
 }
 
-/// Parks `delivery` in the delay queue for `delay`, recording the attempts used so far.
+/// Parks `delivery` in the delay queue for `delay` in front of `target` (the queue it came
+/// from), recording the attempts used so far.
 pub async fn park(
     broker: &Broker,
-    topology: &Topology,
+    target: &str,
     metrics: &Metrics,
     delivery: &Delivery,
     attempts: u32,
@@ -72,17 +73,18 @@ pub async fn park(
         (HEADER_ERROR_MESSAGE, AMQPValue::LongString(failure.message.as_str().into())),
     ])
     .with_expiration(delay.as_millis().max(1).to_string().into());
-    let queue = topology.delay_queue(delay);
+    let queue = delay_queue(target, delay);
     let message = Outgoing { exchange: "", routing_key: &queue, body: &delivery.data, properties };
     broker.publish(message, &metrics.publish_confirm_seconds).await?;
     metrics.retries.get_or_create(&crate::metrics::label("reason", failure.reason.as_str())).inc();
     Ok(())
 }
 
-/// Moves `delivery` to `<inbox>.dead` with the reason, from where an operator replays it.
+/// Moves `delivery` to the dead-letter queue `dead` (`<inbox>.dead`, `<requests>.dead`)
+/// with the reason, from where an operator replays it.
 pub async fn dead_letter(
     broker: &Broker,
-    topology: &Topology,
+    dead: &str,
     metrics: &Metrics,
     delivery: &Delivery,
     attempts: u32,
@@ -95,14 +97,14 @@ pub async fn dead_letter(
         (HEADER_ERROR_MESSAGE, AMQPValue::LongString(failure.message.as_str().into())),
         (HEADER_DEAD_AT, AMQPValue::LongLongInt(unix_now())),
     ]);
-    let queue = topology.dead();
-    let message = Outgoing { exchange: "", routing_key: &queue, body: &delivery.data, properties };
+    let message = Outgoing { exchange: "", routing_key: dead, body: &delivery.data, properties };
     broker.publish(message, &metrics.publish_confirm_seconds).await?;
     metrics.dead_letters.get_or_create(&crate::metrics::label("reason", failure.reason.as_str())).inc();
     Ok(())
 }
 
-/// The inbox message's properties (persistent, its id, content type and headers) with
+/// The message's properties (persistent, its id, content type, headers, `reply_to` and
+/// `correlation_id`) with
 /// `entries` set in its headers. Built afresh so that no old expiration carries over.
 pub fn with_headers<const N: usize>(properties: &BasicProperties, entries: [(&str, AMQPValue); N]) -> BasicProperties {
     let mut headers = properties.headers().clone().unwrap_or_default();
@@ -118,6 +120,13 @@ pub fn with_headers<const N: usize>(properties: &BasicProperties, entries: [(&st
     }
     if let Some(timestamp) = properties.timestamp() {
         copy = copy.with_timestamp(*timestamp);
+    }
+    // A gateway request's return address travels with its retries and its dead letter.
+    if let Some(reply_to) = properties.reply_to() {
+        copy = copy.with_reply_to(reply_to.clone());
+    }
+    if let Some(correlation_id) = properties.correlation_id() {
+        copy = copy.with_correlation_id(correlation_id.clone());
     }
     copy
 }

@@ -192,3 +192,24 @@ async fn replay_dead_dry_runs_count_no_delivery_and_keep_the_order() {
         assert_eq!(count, 0, "{} counted as delivered {count} times", id_of(letter));
     }
 }
+
+#[tokio::test]
+async fn request_with_wait_prints_the_replies_until_the_response_completes() {
+    let relay = crate::gateway::spawn_gateway(Options::default()).await;
+    let requests = relay.topology.requests.clone().unwrap();
+    let output = run(relay_cli(&["request", "--request-queue", &requests, "--model", "gpt-test", "--input", "hi", "--wait", "--timeout-secs", "12"])).await;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["com.openai.response.queued", "com.openai.response.completed"]);
+    assert_eq!(events[1]["data"]["output_text"], "echo: hi");
+    assert_eq!(relay.openai.creates().len(), 1);
+
+    let refused = run(relay_cli(&["request", "--request-queue", &requests, "--model", "unknown-model", "--wait", "--timeout-secs", "12"])).await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stdout).contains("com.openai.request.failed"));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("ended with request.failed"), "{}", String::from_utf8_lossy(&refused.stderr));
+    let missing = run(relay_cli(&["request", "--request-queue", "no-such-requests-queue", "--model", "gpt-test"])).await;
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("did not take the request"), "{}", String::from_utf8_lossy(&missing.stderr));
+}

@@ -277,7 +277,7 @@ fn readme_python_snippet() -> String {
 /// A Python that can `import pika`: `python3` of a virtualenv in the target directory,
 /// created and given pika from PyPI when needed. Fails (not skips) when that is impossible:
 /// this consumer is part of the documentation and must run.
-async fn python_with_pika() -> PathBuf {
+pub async fn python_with_pika() -> PathBuf {
     let venv = profile_dir().parent().expect("target directory").join("pyenv");
     let python = venv.join("bin").join("python");
     if imports_pika(&python).await {

@@ -1,6 +1,14 @@
 //! A fake OpenAI API on a local port: serves `fixtures/openai/<path>/<id>.json` at
 //! `GET /v1/<path>/<id>`, 404 with OpenAI's error body for anything else, and plays
 //! scripted answers (status, headers, delay, body) queued per id before falling back.
+//!
+//! It also runs background responses like OpenAI: `POST /v1/responses` answers `queued`,
+//! the response completes after a delay (echoing its input), and a signed
+//! `response.completed` webhook goes to the relay set with [`FakeOpenAi::send_webhooks_to`];
+//! `GET /v1/responses/{id}` shows its state, `POST /v1/responses/{id}/cancel` cancels it.
+//! Faults by model name: `unknown-model` (400), `slow` (never completes on its own, to be
+//! cancelled), `no-webhook` (completes, but no webhook is sent: the safety net's case);
+//! and [`FakeOpenAi::rate_limit_next_create`] (429 with `retry-after-ms`).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -11,7 +19,9 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Response, StatusCode};
-use axum::routing::get;
+use axum::routing::{get, post};
+use openai_webhook_relay::verify::Secret;
+use serde_json::{Value, json};
 
 pub const API_KEY: &str = "sk-test-relay";
 
@@ -57,6 +67,18 @@ struct Inner {
     /// The bearer keys each id was fetched with.
     keys: HashMap<String, Vec<String>>,
     bad_auth: usize,
+    /// Background responses created through `POST /v1/responses`, by id.
+    responses: HashMap<String, Value>,
+    /// Every body `POST /v1/responses` received, in order.
+    creates: Vec<Value>,
+    /// Answers for the next creates, before any is made.
+    create_faults: VecDeque<Scripted>,
+    /// Where and with which secret webhooks go.
+    webhook: Option<(String, Secret)>,
+    webhooks_sent: usize,
+    complete_after: Duration,
+    /// The bearer key of each create, in order.
+    create_keys: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -67,8 +89,12 @@ pub struct FakeOpenAi {
 
 impl FakeOpenAi {
     pub async fn start() -> Self {
-        let inner = Arc::new(Mutex::new(Inner::default()));
-        let app = Router::new().route("/v1/{*rest}", get(serve)).with_state(inner.clone());
+        let inner = Arc::new(Mutex::new(Inner { complete_after: Duration::from_millis(300), ..Inner::default() }));
+        let app = Router::new()
+            .route("/v1/responses", post(create))
+            .route("/v1/responses/{id}/cancel", post(cancel))
+            .route("/v1/{*rest}", get(serve))
+            .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -104,6 +130,172 @@ impl FakeOpenAi {
     pub fn bad_auth(&self) -> usize {
         self.inner.lock().unwrap().bad_auth
     }
+
+    /// Sends each response's terminal webhook to the relay at `base` (`http://host:port`),
+    /// signed with `secret` like OpenAI does.
+    pub fn send_webhooks_to(&self, base: &str, secret: &str) {
+        self.inner.lock().unwrap().webhook = Some((format!("{base}/webhooks/openai"), Secret::parse(secret).unwrap()));
+    }
+
+    /// How long a created response takes to complete (300 ms unless set).
+    pub fn complete_after(&self, delay: Duration) {
+        self.inner.lock().unwrap().complete_after = delay;
+    }
+
+    /// The next create is answered 429 with `retry-after-ms`, and creates nothing.
+    pub fn rate_limit_next_create(&self, retry_after_ms: u64) {
+        let answer = Scripted::status(429).header("retry-after-ms", &retry_after_ms.to_string());
+        self.inner.lock().unwrap().create_faults.push_back(answer);
+    }
+
+    /// The bodies `POST /v1/responses` received, in order (refused ones included).
+    pub fn creates(&self) -> Vec<Value> {
+        self.inner.lock().unwrap().creates.clone()
+    }
+
+    /// The responses created with `relay_request_id` = `request_id` in their metadata.
+    pub fn created_for(&self, request_id: &str) -> Vec<Value> {
+        let inner = self.inner.lock().unwrap();
+        inner.responses.values().filter(|r| r["metadata"]["relay_request_id"] == request_id).cloned().collect()
+    }
+
+    /// A created response as `GET` shows it now.
+    pub fn response(&self, id: &str) -> Option<Value> {
+        self.inner.lock().unwrap().responses.get(id).cloned()
+    }
+
+    /// The bearer key of each create, in order.
+    pub fn create_keys(&self) -> Vec<String> {
+        self.inner.lock().unwrap().create_keys.clone()
+    }
+
+    pub fn webhooks_sent(&self) -> usize {
+        self.inner.lock().unwrap().webhooks_sent
+    }
+}
+
+fn hex_id(prefix: &str) -> String {
+    format!("{prefix}_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+fn now() -> i64 {
+    openai_webhook_relay::inbox::unix_now()
+}
+
+fn error(status: StatusCode, message: &str, param: Option<&str>, code: Option<&str>) -> Response<Body> {
+    json(status, json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}).to_string())
+}
+
+async fn create(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: axum::body::Bytes) -> Response<Body> {
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let key = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default().to_owned();
+    let fault = {
+        let mut inner = inner.lock().unwrap();
+        inner.creates.push(request.clone());
+        inner.create_keys.push(key);
+        inner.create_faults.pop_front()
+    };
+    if let Some(answer) = fault {
+        return scripted(answer).await;
+    }
+    let (response, complete_after) = {
+        let mut inner = inner.lock().unwrap();
+        let model = request["model"].as_str().unwrap_or_default().to_owned();
+        if model == "unknown-model" {
+            let message = format!("The model `{model}` does not exist or you do not have access to it.");
+            return error(StatusCode::BAD_REQUEST, &message, Some("model"), Some("model_not_found"));
+        }
+        if request["background"] != true || request["store"] != true {
+            return error(StatusCode::BAD_REQUEST, "the fake expects background and store", None, None);
+        }
+        let id = hex_id("resp");
+        let response = json!({
+            "id": id, "object": "response", "created_at": now(), "status": "queued", "background": true,
+            "model": model, "output": [], "error": null, "incomplete_details": null, "store": true,
+            "input_echo": request["input"], "metadata": request["metadata"],
+        });
+        inner.responses.insert(id, response.clone());
+        (response, inner.complete_after)
+    };
+    let model = response["model"].as_str().unwrap_or_default().to_owned();
+    if model != "slow" {
+        let (inner, id) = (inner.clone(), response["id"].as_str().unwrap().to_owned());
+        tokio::spawn(async move {
+            tokio::time::sleep(complete_after).await;
+            finish(&inner, &id, "completed", model != "no-webhook").await;
+        });
+    }
+    json(StatusCode::OK, response.to_string())
+}
+
+/// Ends a response that has not ended yet and, if `webhook`, delivers its terminal webhook
+/// (retried like OpenAI until the relay answers 2xx, here for a few seconds).
+async fn finish(inner: &Arc<Mutex<Inner>>, id: &str, status: &str, webhook: bool) -> Option<Value> {
+    let (response, target) = {
+        let mut inner = inner.lock().unwrap();
+        let response = inner.responses.get_mut(id)?;
+        if !matches!(response["status"].as_str(), Some("queued" | "in_progress")) {
+            return None;
+        }
+        response["status"] = json!(status);
+        if status == "completed" {
+            let text = format!("echo: {}", response["input_echo"].as_str().unwrap_or_default());
+            response["output"] = json!([{"type": "message", "id": hex_id("msg"), "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}]);
+            response["completed_at"] = json!(now());
+        }
+        (response.clone(), inner.webhook.clone())
+    };
+    if let (true, Some((url, secret))) = (webhook, target) {
+        let event = json!({"id": hex_id("evt"), "object": "event", "type": format!("response.{status}"), "created_at": now(), "data": {"id": id}}).to_string();
+        let webhook_id = hex_id("wh");
+        let http = reqwest::Client::new();
+        for _ in 0..50 {
+            let ts = now().to_string();
+            let sent = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("webhook-id", &webhook_id)
+                .header("webhook-timestamp", &ts)
+                .header("webhook-signature", secret.sign(&webhook_id, &ts, event.as_bytes()))
+                .body(event.clone())
+                .send()
+                .await;
+            if sent.is_ok_and(|r| r.status().is_success()) {
+                inner.lock().unwrap().webhooks_sent += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Some(response)
+}
+
+async fn cancel(State(inner): State<Arc<Mutex<Inner>>>, Path(id): Path<String>) -> Response<Body> {
+    let current = inner.lock().unwrap().responses.get(&id).cloned();
+    let Some(current) = current else {
+        return error(StatusCode::NOT_FOUND, &format!("Response with id '{id}' not found."), None, None);
+    };
+    match finish(&inner, &id, "cancelled", true).await {
+        Some(response) => json(StatusCode::OK, response.to_string()),
+        None => {
+            let message = format!("Cannot cancel a {} response.", current["status"].as_str().unwrap_or_default());
+            error(StatusCode::BAD_REQUEST, &message, None, None)
+        }
+    }
+}
+
+async fn scripted(answer: Scripted) -> Response<Body> {
+    tokio::time::sleep(answer.delay).await;
+    let mut response = Response::builder().status(answer.status).header("content-type", "application/json");
+    for (name, value) in answer.headers {
+        response = response.header(name, value);
+    }
+    if answer.reset {
+        let chunks: Vec<Result<String, std::io::Error>> = vec![Ok(answer.body), Err(std::io::ErrorKind::ConnectionReset.into())];
+        return response.body(Body::from_stream(futures::stream::iter(chunks))).unwrap();
+    }
+    response.body(Body::from(answer.body)).unwrap()
 }
 
 fn fixtures() -> PathBuf {
@@ -126,19 +318,14 @@ async fn serve(State(inner): State<Arc<Mutex<Inner>>>, Path(rest): Path<String>,
         queued.or_else(|| inner.always.get(&id).cloned())
     };
     if let Some(answer) = scripted {
-        tokio::time::sleep(answer.delay).await;
-        let mut response = Response::builder().status(answer.status).header("content-type", "application/json");
-        for (name, value) in answer.headers {
-            response = response.header(name, value);
-        }
-        if answer.reset {
-            let chunks: Vec<Result<String, std::io::Error>> = vec![Ok(answer.body), Err(std::io::ErrorKind::ConnectionReset.into())];
-            return response.body(Body::from_stream(futures::stream::iter(chunks))).unwrap();
-        }
-        return response.body(Body::from(answer.body)).unwrap();
+        return self::scripted(answer).await;
     }
     if !authorized {
         return json(StatusCode::UNAUTHORIZED, r#"{"error":{"message":"Incorrect API key provided.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#.into());
+    }
+    let created = rest.strip_prefix("responses/").and_then(|id| inner.lock().unwrap().responses.get(id).cloned());
+    if let Some(response) = created {
+        return json(StatusCode::OK, response.to_string());
     }
     match std::fs::read_to_string(fixtures().join(format!("{rest}.json"))) {
         Ok(body) if !rest.contains("..") => json(StatusCode::OK, body),

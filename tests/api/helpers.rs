@@ -87,7 +87,7 @@ pub async fn declared_topology() -> (Topology, Cleanup, Amqp) {
 
 pub fn unique_topology() -> Topology {
     let tag = format!("test.{:016x}", fastrand::u64(..));
-    Topology { exchange: format!("{tag}.events"), inbox: format!("{tag}.inbox") }
+    Topology { exchange: format!("{tag}.events"), inbox: format!("{tag}.inbox"), requests: None }
 }
 
 pub async fn spawn_relay_with(options: Options, openai: FakeOpenAi, topology: Topology) -> Relay {
@@ -100,6 +100,7 @@ pub async fn spawn_relay_with(options: Options, openai: FakeOpenAi, topology: To
         "--amqp-url", &options.amqp_url,
         "--exchange", &topology.exchange,
         "--inbox-queue", &topology.inbox,
+        "--request-queue", topology.requests.as_deref().unwrap_or_default(),
         "--tolerance-secs", &options.tolerance_secs.to_string(),
         "--confirm-timeout-ms", "2000",
         "--retry-initial-delay-ms", "50",

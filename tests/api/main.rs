@@ -21,3 +21,4 @@ mod schema;
 mod consumers;
 mod durability;
 mod migration;
+mod gateway;

@@ -183,6 +183,7 @@ pub fn relay_binary(openai: &crate::fake_openai::FakeOpenAi, topology: &openai_w
         .env("RELAY_LISTEN", format!("127.0.0.1:{port}"))
         .env("RELAY_EXCHANGE", &topology.exchange)
         .env("RELAY_INBOX_QUEUE", &topology.inbox)
+        .env("RELAY_REQUEST_QUEUE", topology.requests.as_deref().unwrap_or_default())
         .env("RUST_LOG", "warn")
         .envs(extra.iter().copied())
         .stdin(std::process::Stdio::null());

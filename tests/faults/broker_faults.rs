@@ -91,7 +91,7 @@ async fn broker_refusing_publishes_gets_503_and_recovers() {
     tokio::task::spawn_blocking(move || rabbitmqctl(&["clear_policy", &policy])).await.unwrap();
 
     // A worker process on the same names drains the inbox; the senders' retries get in.
-    let worker_env = [("RELAY_ROLE", "worker"), ("RELAY_EXCHANGE", receiver.topology.exchange.as_str()), ("RELAY_INBOX_QUEUE", inbox.as_str())];
+    let worker_env = [("RELAY_ROLE", "worker"), ("RELAY_EXCHANGE", receiver.topology.exchange.as_str()), ("RELAY_INBOX_QUEUE", inbox.as_str()), ("RELAY_REQUEST_QUEUE", "")];
     let _worker = spawn_worker(&openai, &worker_env);
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.cancel();

@@ -51,7 +51,7 @@ impl Relay {
     /// through the first of `observer` that answers.
     pub async fn start_observed(openai: &FakeOpenAi, amqp_url: &str, observer: Vec<String>, extra: &[(&str, &str)]) -> Self {
         let tag = format!("fault.{:016x}", fastrand::u64(..));
-        let topology = Topology { exchange: format!("{tag}.events"), inbox: format!("{tag}.inbox") };
+        let topology = Topology { exchange: format!("{tag}.events"), inbox: format!("{tag}.inbox"), requests: None };
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut env: Vec<(String, String)> = [
             ("OPENAI_WEBHOOK_SECRET", secret_text()),
@@ -61,6 +61,7 @@ impl Relay {
             ("RELAY_LISTEN", format!("127.0.0.1:{port}")),
             ("RELAY_EXCHANGE", topology.exchange.clone()),
             ("RELAY_INBOX_QUEUE", topology.inbox.clone()),
+            ("RELAY_REQUEST_QUEUE", String::new()),
             ("RELAY_RETRY_INITIAL_DELAY_MS", "50".to_owned()),
             ("RELAY_RETRY_MAX_DELAY_MS", "400".to_owned()),
             ("RELAY_CONFIRM_TIMEOUT_MS", "2000".to_owned()),
