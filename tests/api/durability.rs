@@ -108,7 +108,8 @@ async fn an_in_flight_delivery_redelivered_after_a_lost_connection_is_not_lost_w
 /// delivery is parked and published once the broker takes it.
 #[tokio::test]
 async fn a_refused_event_is_retried_without_reconnecting() {
-    let relay = spawn_relay(Options::default()).await;
+    // Enough attempts that a slow machine cannot use them all up before the queue goes.
+    let relay = spawn_relay(Options::default().arg("--fetch-max-attempts", 30)).await;
     let full = refuse_all_events(&relay).await;
     let mut expected = HashSet::new();
     for _ in 0..3 {
