@@ -259,6 +259,26 @@ mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
 
+    proptest::proptest! {
+        /// Whatever an API or a gateway in front of it sends, reading the delay never panics
+        /// and never asks for more than a day.
+        #[test]
+        fn no_retry_after_value_panics_or_exceeds_a_day(
+            text in proptest::string::string_regex("[ -~]{0,40}").unwrap(),
+            float in proptest::num::f64::ANY,
+            secs in proptest::num::u64::ANY,
+        ) {
+            for (name, value) in [("retry-after-ms", text.clone()), ("retry-after", text), ("retry-after-ms", float.to_string()), ("retry-after", secs.to_string())] {
+                let Ok(value) = HeaderValue::from_str(&value) else { continue };
+                let mut map = HeaderMap::new();
+                map.insert(name, value);
+                if let Some(delay) = retry_after(&map) {
+                    proptest::prop_assert!(delay <= Duration::from_secs(86_400), "{delay:?}");
+                }
+            }
+        }
+    }
+
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (name, value) in pairs {
