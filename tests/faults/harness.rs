@@ -25,7 +25,7 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-fn secret_text() -> String {
+pub fn secret_text() -> String {
     format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode([11u8; 32]))
 }
 

@@ -23,4 +23,5 @@ mod harness;
 mod api_faults;
 mod broker_faults;
 mod crash;
+mod gateway_crash;
 mod restart;
