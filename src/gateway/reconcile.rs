@@ -55,8 +55,8 @@ pub async fn watch(worker: &Worker, response_id: &str, project: Option<&str>, si
         .with_delivery_mode(PERSISTENT)
         .with_content_type("application/json".into())
         .with_message_id(format!("watch_{response_id}").into())
-        .with_expiration(delay_ms.to_string().into())
         .with_headers(headers);
+    let properties = crate::worker::retry::delayed(properties, delay);
     let body = serde_json::json!({ "response_id": response_id }).to_string();
     let message = Outgoing { exchange: "", routing_key: &queue, body: body.as_bytes(), properties };
     worker.broker.publish(message, &worker.metrics.publish_confirm_seconds).await

@@ -63,8 +63,10 @@ pub const MAX_DELAY: Duration = DELAY_TIERS[DELAY_TIERS.len() - 1];
 /// process every time still ends in `<inbox>.dead`, never nowhere.
 pub const INBOX_DELIVERY_LIMIT: i64 = 100;
 
-/// The same for `<inbox>.dead`, which only operators read (`replay-dead`): high enough never
-/// to be reached; past it a dead letter goes to the back of `<inbox>.dead` again.
+/// The same for `<inbox>.dead`, which only operators read (`replay-dead`), and for the delay
+/// queues, whose head the worker's sweep looks at and hands back every few seconds: high
+/// enough never to be reached (RabbitMQ 4.0–4.2 count every return, and would otherwise
+/// release a long delay early after 20 looks).
 pub const DEAD_DELIVERY_LIMIT: i64 = 1_000_000;
 
 #[derive(Debug, Clone)]
@@ -160,7 +162,7 @@ impl Topology {
             QueueSpec::quorum(dead.clone(), &dead, Some(DEAD_DELIVERY_LIMIT)),
             QueueSpec::quorum(self.inbox.clone(), &dead, Some(INBOX_DELIVERY_LIMIT)),
         ];
-        specs.extend(DELAY_TIERS.iter().map(|tier| QueueSpec::quorum(self.delay_queue(*tier), &self.inbox, None)));
+        specs.extend(DELAY_TIERS.iter().map(|tier| QueueSpec::quorum(self.delay_queue(*tier), &self.inbox, Some(DEAD_DELIVERY_LIMIT))));
         specs.extend(self.gateway_specs());
         specs
     }
@@ -187,9 +189,15 @@ impl Topology {
             QueueSpec::quorum(watch.clone(), &dead, Some(INBOX_DELIVERY_LIMIT)),
         ];
         for target in [requests, &watch] {
-            specs.extend(DELAY_TIERS.iter().map(|tier| QueueSpec::quorum(delay_queue(target, *tier), target, None)));
+            specs.extend(DELAY_TIERS.iter().map(|tier| QueueSpec::quorum(delay_queue(target, *tier), target, Some(DEAD_DELIVERY_LIMIT))));
         }
         specs
+    }
+
+    /// Every delay queue, with the queue it releases into.
+    pub fn delay_queues(&self) -> Vec<(String, String)> {
+        let targets: Vec<String> = std::iter::once(self.inbox.clone()).chain(self.requests.clone()).chain(self.watch()).collect();
+        targets.iter().flat_map(|target| DELAY_TIERS.iter().map(move |tier| (delay_queue(target, *tier), target.clone()))).collect()
     }
 
     /// Every queue name the relay declares, for operators and test clean-up.

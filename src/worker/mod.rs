@@ -44,6 +44,8 @@ use crate::verify::HEADER_ID;
 
 /// Pause before the consumer re-attaches after its channel failed.
 const REATTACH_PAUSE: Duration = Duration::from_secs(1);
+/// How often the worker looks for parked messages the broker left past their due time.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest pause between two attempts to park a delivery while the broker fails.
 const MOVE_RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -108,9 +110,36 @@ impl Worker {
             lanes.push((Lane::Watch, watch));
         }
         let consumers = lanes.into_iter().map(|(lane, queue)| Arc::clone(&self).run_lane(lane, queue, shutdown.clone(), tasks.clone()));
-        futures::future::join_all(consumers).await;
+        tokio::join!(futures::future::join_all(consumers), self.sweep_delay_queues(shutdown.clone()));
         tasks.close();
         tasks.wait().await;
+    }
+
+    /// Every [`SWEEP_INTERVAL`], moves parked messages the broker left past their due time
+    /// (see [`retry::sweep`]).
+    async fn sweep_delay_queues(&self, shutdown: CancellationToken) {
+        let queues = self.topology.delay_queues();
+        let mut every = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let Some(link) = self.broker.link() else { continue };
+            let swept = async {
+                let channel = link.connection.create_channel().await?;
+                channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
+                let moved = retry::sweep(&channel, &queues).await;
+                let _ = channel.close(200, "swept".into()).await;
+                moved
+            };
+            match swept.await {
+                Ok(moved) => {
+                    self.metrics.swept.inc_by(moved);
+                }
+                Err(error) => tracing::debug!(%error, "delay queue sweep failed; trying again later"),
+            }
+        }
     }
 
     /// Consumes `queue` on every link until `shutdown`.

@@ -130,3 +130,33 @@ async fn a_refused_event_is_retried_without_reconnecting() {
     assert_eq!(value(&m, "relay_broker_connects_total"), 1.0, "no reconnect for a refused message:\n{m}");
     assert_eq!(value(&m, "relay_settle_failures_total{op=\"ack\"}"), 0.0);
 }
+
+/// RabbitMQ sometimes leaves a quorum queue's head past its TTL (seen in the fault suite: a
+/// retry still parked 30 s after its 1 s delay; rabbitmq-server#10718). The worker's sweep
+/// moves a parked message that is overdue by its `x-relay-due-at` and leaves one that is not.
+#[tokio::test]
+async fn a_parked_message_the_broker_leaves_past_its_due_time_is_moved_by_the_sweep() {
+    use lapin::BasicProperties;
+    use lapin::options::BasicPublishOptions;
+
+    let relay = spawn_relay(Options::default()).await;
+    let out = relay.bind("#").await;
+    let queue = relay.topology.delay_queue(Duration::from_millis(100));
+    let now_ms = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()).unwrap();
+    let mut bodies = Vec::new();
+    // Neither has a TTL, so the broker never releases them: only the sweep can.
+    for (webhook_id, due) in [("wh_overdue", now_ms - 10_000), ("wh_not_due", now_ms + 3_600_000)] {
+        let body = event("something.new", "x_1");
+        let mut headers = FieldTable::default();
+        headers.insert("webhook-id".into(), AMQPValue::LongString(webhook_id.into()));
+        headers.insert("x-relay-due-at".into(), AMQPValue::LongLongInt(due));
+        let properties = BasicProperties::default().with_delivery_mode(2).with_message_id(webhook_id.into()).with_headers(headers);
+        let confirm = relay.amqp.channel.basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), body.as_bytes(), properties).await.unwrap();
+        confirm.await.unwrap();
+        bodies.push(body);
+    }
+    let expected: HashSet<String> = [event_id(&bodies[0])].into();
+    let seen = published_ids(&relay, &out, &expected, Duration::from_secs(30)).await;
+    assert!(!seen.contains(&event_id(&bodies[1])), "a message not yet due was released");
+    assert_eq!(value(&metrics(&relay).await, "relay_overdue_moved_total"), 1.0);
+}
