@@ -24,16 +24,16 @@ pub async fn spawn_gateway(options: Options) -> Relay {
 }
 
 /// A request message: its properties as a client sets them.
-struct Request<'a> {
-    message_id: Option<&'a str>,
-    reply_to: Option<&'a str>,
-    correlation_id: Option<&'a str>,
-    headers: Vec<(&'a str, &'a str)>,
-    body: String,
+pub struct Request<'a> {
+    pub message_id: Option<&'a str>,
+    pub reply_to: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+    pub headers: Vec<(&'a str, &'a str)>,
+    pub body: String,
 }
 
 impl<'a> Request<'a> {
-    fn create(message_id: &'a str, reply_to: &'a str, body: Value) -> Self {
+    pub fn create(message_id: &'a str, reply_to: &'a str, body: Value) -> Self {
         Self { message_id: Some(message_id), reply_to: Some(reply_to), correlation_id: Some("corr-1"), headers: Vec::new(), body: body.to_string() }
     }
 
@@ -44,7 +44,7 @@ impl<'a> Request<'a> {
 }
 
 /// Publishes `request` to the relay's request queue, confirmed.
-async fn publish(relay: &Relay, request: Request<'_>) {
+pub async fn publish(relay: &Relay, request: Request<'_>) {
     let mut headers = FieldTable::default();
     for (name, value) in &request.headers {
         headers.insert((*name).into(), AMQPValue::LongString((*value).into()));
@@ -67,7 +67,7 @@ async fn publish(relay: &Relay, request: Request<'_>) {
 }
 
 /// A reply queue of the test's own (exclusive, server-named), bound to nothing.
-async fn reply_queue(relay: &Relay) -> String {
+pub async fn reply_queue(relay: &Relay) -> String {
     let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
     relay.amqp.channel.queue_declare("".into(), options, FieldTable::default()).await.unwrap().name().to_string()
 }

@@ -4,7 +4,9 @@
 //! document's per-kind messages, its headers against the headers schema, and its AMQP
 //! properties must be what the document's `x-amqp-properties` say; for the default project and
 //! for a named one. The schemas are also shown to reject broken events, so that they cannot
-//! pass by accepting everything, and the document's `$ref`s and examples are checked.
+//! pass by accepting everything, and the document's `$ref`s and examples are checked. The
+//! gateway's own events (`response.queued`, `request.failed`, a terminal event from its safety
+//! net) are produced by a real relay with the fake OpenAI API and checked the same way.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -302,6 +304,149 @@ async fn a_named_projects_events_are_published_as_documented() {
     }
 }
 
+/// One event the gateway made, as a copy on the exchange or on the request's reply queue:
+/// the CloudEvent schema, exactly the document's message `message`, its headers schema,
+/// and the AMQP properties of its `x-amqp-properties` (`timestamp` and `correlation_id`,
+/// described in words there, are checked for what the words say).
+fn check_gateway_message(docs: &Docs, messages: &BTreeMap<String, Value>, validators: &BTreeMap<String, (Validator, Validator)>, delivery: &Delivery, message: &str, reply: bool) -> Value {
+    let cloud_event: Value = serde_json::from_slice(&delivery.data).expect("the body is JSON");
+    let headers = headers_json(delivery);
+    let id = cloud_event["id"].as_str().unwrap_or_default().to_owned();
+    let shown = serde_json::to_string_pretty(&cloud_event).unwrap();
+    let found = errors(&docs.validator("./schemas/cloudevent.schema.json"), &cloud_event);
+    assert!(found.is_empty(), "{id}: the published event does not match cloudevent.schema.json:\n{found}{shown}");
+    let matching: Vec<&str> = validators.iter().filter(|(_, (payload, _))| payload.is_valid(&cloud_event)).map(|(name, _)| name.as_str()).collect();
+    assert_eq!(matching, [message], "{id}: asyncapi messages whose payload accepts it");
+    assert!(cloud_event["data"].get("event").is_none(), "{id}: made by the relay, no data.event");
+    // Headers: the gateway's, all documented (no webhook-id: no webhook behind it).
+    let found = errors(&docs.validator("./schemas/amqp-headers.schema.json#/$defs/gatewayEvent"), &headers);
+    assert!(found.is_empty(), "{id}: headers {headers}:\n{found}");
+    let documented = docs.schemas["amqp-headers.schema.json"]["$defs"]["gatewayEvent"]["properties"].as_object().unwrap();
+    for name in headers.as_object().unwrap().keys() {
+        assert!(documented.contains_key(name), "{id}: header {name} is not documented for gateway events");
+    }
+    // AMQP properties.
+    let p = &delivery.properties;
+    let kind = cloud_event["type"].as_str().unwrap().strip_prefix("com.openai.").unwrap().to_owned();
+    assert_eq!(p.kind().as_ref().map(|s| s.as_str()), Some(kind.as_str()), "{id}: AMQP type");
+    let age = unix_now().abs_diff(i64::try_from(p.timestamp().expect("a timestamp")).unwrap());
+    assert!(age < 120, "{id}: timestamp is when the relay published it");
+    assert_eq!(p.correlation_id().as_ref().map(|s| s.as_str()), reply.then_some("corr-1"), "{id}: correlation_id on the reply copy only");
+    if reply {
+        assert_eq!(delivery.exchange.as_str(), "", "{id}: replies go through the default exchange");
+    } else {
+        assert_eq!(delivery.routing_key.as_str(), kind, "{id}: routing key");
+    }
+    let properties = messages[message]["x-amqp-properties"].as_object().expect("x-amqp-properties");
+    for (name, spec) in properties {
+        let actual = match name.as_str() {
+            "delivery_mode" => json!(p.delivery_mode()),
+            "content_type" => json!(p.content_type().as_ref().map(|s| s.as_str())),
+            "message_id" => json!(p.message_id().as_ref().map(|s| s.as_str())),
+            "type" => json!(kind),
+            "routing_key" if !reply => json!(delivery.routing_key.as_str()),
+            // Checked above; for a terminal event from the safety net, `type`, `routing_key`
+            // and `timestamp` point into a `data.event` it does not have (its description says so).
+            _ => continue,
+        };
+        let expected = match spec.as_str() {
+            Some(expression) if expression.starts_with("$message.") => match cloud_event.pointer(expression.split_once('#').unwrap().1) {
+                Some(value) => value.clone(),
+                None => continue,
+            },
+            _ => spec.clone(),
+        };
+        assert_eq!(actual, expected, "{id}: AMQP property {name}");
+    }
+    cloud_event
+}
+
+/// The gateway's own events, from a real relay and the fake OpenAI API: `response.queued`, a
+/// terminal event found by the safety net (`reconciled_...`), `request.failed` from OpenAI
+/// (400) and from the relay (no `message_id`), on the exchange and on the reply queue. Each
+/// matches the schemas and exactly one document message; the same events, broken, do not.
+#[tokio::test]
+async fn the_gateways_events_are_published_as_documented() {
+    use crate::gateway::{Request, publish, reply_queue, spawn_gateway};
+    let docs = Docs::load();
+    let messages = docs.event_messages();
+    let validators = validators(&docs, &messages);
+    let relay = spawn_gateway(Options::default().arg("--reconcile-after-secs", 1)).await;
+    let exchange = relay.bind("#").await;
+    let replies = reply_queue(&relay).await;
+    // "no-webhook": the fake API never sends its webhook, so the safety net publishes its end.
+    publish(&relay, Request::create("rq-schema-lost", &replies, json!({"model": "no-webhook", "input": "x"}))).await;
+    publish(&relay, Request::create("rq-schema-refused", &replies, json!({"model": "unknown-model", "input": "x"}))).await;
+    let mut no_id = Request::create("unused", &replies, json!({"model": "gpt-test"}));
+    no_id.message_id = None;
+    publish(&relay, no_id).await;
+
+    let mut seen: BTreeMap<String, Value> = BTreeMap::new();
+    for (queue, reply) in [(&replies, true), (&exchange, false)] {
+        for _ in 0..4 {
+            let delivery = relay.amqp.next(queue, WAIT).await.unwrap_or_else(|| panic!("only {} events on {queue}: {seen:?}", seen.len()));
+            let id = serde_json::from_slice::<Value>(&delivery.data).unwrap()["id"].as_str().unwrap().to_owned();
+            let message = match id.split_once('_').map(|(prefix, _)| prefix) {
+                Some("queued") => "responseQueuedEvent",
+                Some("failed") => "requestFailedEvent",
+                Some("reconciled") => "responseEvent",
+                _ => panic!("not a gateway event: {id}"),
+            };
+            let event = check_gateway_message(&docs, &messages, &validators, &delivery, message, reply);
+            let key = if event["data"]["request_id"].is_null() && message == "requestFailedEvent" { "failed_<no message_id>".to_owned() } else { id };
+            seen.insert(format!("{key} {}", if reply { "reply" } else { "exchange" }), event);
+        }
+    }
+    let response_id = seen.keys().find_map(|k| k.strip_prefix("queued_")?.strip_suffix(" reply")).expect("a queued event").to_owned();
+    let mut want: Vec<String> = [format!("queued_{response_id}"), format!("reconciled_{response_id}"), "failed_rq-schema-refused".into(), "failed_<no message_id>".into()]
+        .into_iter()
+        .flat_map(|id| [format!("{id} reply"), format!("{id} exchange")])
+        .collect();
+    want.sort();
+    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), want);
+    let queued = &seen[&format!("queued_{response_id} reply")];
+    let reconciled = &seen[&format!("reconciled_{response_id} reply")];
+    let refused = &seen["failed_rq-schema-refused reply"];
+    let no_id = &seen["failed_<no message_id> reply"];
+    assert_eq!((&queued["data"]["request_id"], &queued["subject"]), (&json!("rq-schema-lost"), &json!(response_id)));
+    assert_eq!((&reconciled["type"], &reconciled["subject"]), (&json!("com.openai.response.completed"), &json!(response_id)));
+    assert_eq!((&refused["data"]["status"], &refused["subject"]), (&json!(400), &json!("rq-schema-refused")));
+    assert_eq!((&no_id["data"]["status"], no_id.get("subject")), (&Value::Null, None));
+
+    // The same events, broken: neither the CloudEvent schema nor any message accepts them.
+    let root = docs.validator("./schemas/cloudevent.schema.json");
+    let broken = |what: &str, event: &Value, change: &dyn Fn(&mut Value)| {
+        let mut event = event.clone();
+        change(&mut event);
+        (what.to_owned(), event)
+    };
+    let remove = |pointer: &'static str, key: &'static str| move |e: &mut Value| {
+        e.pointer_mut(pointer).unwrap().as_object_mut().unwrap().remove(key);
+    };
+    let cases = [
+        broken("a queued event without request_id", queued, &remove("/data", "request_id")),
+        broken("a queued event without its response", queued, &remove("/data", "response")),
+        broken("a queued event without subject", queued, &remove("", "subject")),
+        broken("a queued event with a webhook's id", queued, &|e| e["id"] = json!("evt_1")),
+        broken("a queued event with an unexpected data key", queued, &|e| e["data"]["output_text"] = json!("x")),
+        broken("a queued event whose response is no response", queued, &|e| e["data"]["response"]["object"] = json!("batch")),
+        broken("a request.failed with a status that is no number", refused, &|e| e["data"]["status"] = json!("400")),
+        broken("a request.failed whose error has no message", refused, &remove("/data/error", "message")),
+        broken("a request.failed without error", refused, &remove("/data", "error")),
+        broken("a request.failed for a message_id without subject", refused, &remove("", "subject")),
+        broken("a request.failed without message_id but with a subject", no_id, &|e| e["subject"] = json!("x")),
+        broken("a request.failed with a queued id", refused, &|e| e["id"] = json!("queued_resp_1")),
+        broken("a reconciled event without output_text", reconciled, &remove("/data", "output_text")),
+        broken("a reconciled event of a status that is not terminal", reconciled, &|e| e["type"] = json!("com.openai.response.in_progress")),
+        broken("a reconciled event with a fetch error", reconciled, &|e| e["data"]["fetch_error"] = json!({"status": 404, "message": "gone"})),
+        broken("a made event of another type", refused, &|e| e["type"] = json!("com.openai.request.queued")),
+    ];
+    for (what, event) in &cases {
+        let accepting: Vec<&str> = validators.iter().filter(|(_, (payload, _))| payload.is_valid(event)).map(|(name, _)| name.as_str()).collect();
+        assert!(!root.is_valid(event) && accepting.is_empty(), "accepted ({accepting:?}): {what}:\n{}", serde_json::to_string_pretty(event).unwrap());
+    }
+}
+
 fn header_map(headers: &[(&str, &str)]) -> reqwest::header::HeaderMap {
     headers
         .iter()
@@ -518,7 +663,10 @@ fn the_asyncapi_document_is_consistent() {
     ] {
         assert!(known.contains(&json!(kind)), "eventType lacks {kind}");
     }
-    for (queue, channel) in [("openai.webhooks.inbox", "inbox"), ("openai.webhooks.inbox.dead", "deadLetters")] {
+    for kind in ["response.queued", "request.failed"] {
+        assert!(known.contains(&json!(kind)), "eventType lacks the gateway's {kind}");
+    }
+    for (queue, channel) in [("openai.webhooks.inbox", "inbox"), ("openai.webhooks.inbox.dead", "deadLetters"), ("openai.requests", "requests"), ("openai.requests.dead", "requestDeadLetters")] {
         assert_eq!(api["channels"][channel]["address"], queue);
         assert_eq!(api["channels"][channel]["bindings"]["amqp"]["queue"]["name"], queue);
     }
