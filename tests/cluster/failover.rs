@@ -5,7 +5,7 @@
 //!
 //! Not run by `cargo test` (they take about 6 minutes, and one fails now and then): run them
 //! with `cargo test --test cluster -- --include-ignored`. On RabbitMQ 3.10.8, killing the node
-//! that holds the inbox's leader left, in 2 of 9 runs, every retry parked in one delay queue
+//! that holds the inbox's leader left, in 2 of 10 runs, every retry parked in one delay queue
 //! afterwards stranded in that queue's at-least-once dead-letter state (`messages` ≈ 800,
 //! `messages_ready` 0, nothing forwarded for 5 minutes): the broker's dead-letter worker
 //! stopped forwarding to the re-elected inbox. The relay's own parked retries need to stop
