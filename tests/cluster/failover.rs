@@ -51,6 +51,18 @@ async fn relays_node(relay: &Relay, cluster: &Cluster) -> Option<usize> {
     (0..3).find(|&i| cluster.port(i) == port)
 }
 
+/// When events are missing, shows where they are, asked of node `via`: `messages` counts
+/// what a queue holds for dead-lettering too, which `messages_ready` does not.
+async fn explain_loss(cluster: &Cluster, via: usize, relay: &Relay, lost: usize) {
+    if lost == 0 {
+        return;
+    }
+    println!("{}", cluster.ctl(via, &["list_queues", "name", "messages", "messages_ready", "messages_unacknowledged", "consumers", "leader", "members"]).await);
+    if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{}/metrics", relay.port)).await {
+        println!("{}", response.text().await.unwrap_or_default());
+    }
+}
+
 /// `relay_deliveries_total{outcome="accepted"}`.
 async fn accepted(relay: &Relay) -> u64 {
     let Ok(response) = reqwest::get(format!("http://127.0.0.1:{}/metrics", relay.port)).await else { return 0 };
@@ -98,12 +110,7 @@ async fn killing_the_inbox_leaders_node_under_load_loses_nothing() {
     let outcome = collect(&relay, &sender.acked, Duration::from_secs(120)).await;
     println!("cluster_leader_kill: killed node {leader} (inbox leader); the relay was connected to node {connected:?}");
     let lost = report("cluster_leader_kill", &sender, &outcome);
-    if lost > 0 {
-        // Where they are: `messages` counts what a queue holds for dead-lettering too.
-        let alive = (leader + 1) % 3;
-        println!("{}", cluster.ctl(alive, &["list_queues", "name", "messages", "messages_ready", "messages_unacknowledged", "consumers", "leader", "members"]).await);
-        println!("{}", reqwest::get(format!("http://127.0.0.1:{}/metrics", relay.port)).await.unwrap().text().await.unwrap());
-    }
+    explain_loss(&cluster, (leader + 1) % 3, &relay, lost).await;
     assert_eq!(lost, 0);
     assert!(sender.attempts > sender.sent, "no delivery was refused: the node died after the load");
 }
@@ -127,7 +134,9 @@ async fn killing_the_relays_node_with_parked_retries_loses_nothing() {
     let sender = senders.await.unwrap();
     let outcome = collect(&relay, &sender.acked, Duration::from_secs(120)).await;
     println!("cluster_relay_node_kill: killed node {node} with {parked} retries parked; the relay moved to node {moved_to}");
-    assert_eq!(report("cluster_relay_node_kill", &sender, &outcome), 0);
+    let lost = report("cluster_relay_node_kill", &sender, &outcome);
+    explain_loss(&cluster, moved_to, &relay, lost).await;
+    assert_eq!(lost, 0);
     assert!(sender.attempts > sender.sent, "no delivery was refused: the node died after the load");
 }
 
@@ -194,5 +203,7 @@ async fn a_hung_node_is_left_after_the_heartbeat_timeout_and_nothing_is_lost() {
         left_after.as_millis(),
         flowing_after.as_millis()
     );
-    assert_eq!(report("cluster_hung_node", &sender, &outcome), 0);
+    let lost = report("cluster_hung_node", &sender, &outcome);
+    explain_loss(&cluster, moved_to, &relay, lost).await;
+    assert_eq!(lost, 0);
 }
