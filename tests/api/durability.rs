@@ -76,7 +76,7 @@ async fn an_in_flight_delivery_redelivered_after_a_lost_connection_is_not_lost_w
     let mut expected = HashSet::new();
     for i in 0..5 {
         let id = format!("resp_inflight{i}");
-        relay.openai.script(&id, [Scripted::status(200).body(&format!(r#"{{"id":"{id}","object":"response","status":"completed","output":[]}}"#)).delay(Duration::from_secs(3))]);
+        relay.openai.script(&id, [Scripted::completed(&id).delay(Duration::from_secs(3))]);
         let body = event("response.completed", &id);
         assert_eq!(relay.deliver(&body).await.status(), 200);
         expected.insert(event_id(&body));

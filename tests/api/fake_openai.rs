@@ -40,6 +40,10 @@ impl Scripted {
         let body = format!(r#"{{"error":{{"message":"scripted {status}","type":"server_error","param":null,"code":null}}}}"#);
         Self { status, headers: Vec::new(), body, delay: Duration::ZERO, reset: false }
     }
+    /// A completed response `id` with no output, as the API answers a fetch.
+    pub fn completed(id: &str) -> Self {
+        Self::status(200).body(&format!(r#"{{"id":"{id}","object":"response","status":"completed","output":[]}}"#))
+    }
     pub fn header(mut self, name: &'static str, value: &str) -> Self {
         self.headers.push((name, value.to_owned()));
         self

@@ -21,11 +21,6 @@ use crate::fake_openai::{FakeOpenAi, Scripted};
 use crate::harness::Cluster;
 use crate::load::{Relay, collect, event, load, report};
 
-/// A completed response for `id`, as the API would answer.
-fn completed(id: &str) -> Scripted {
-    Scripted::status(200).body(&format!(r#"{{"id":"{id}","object":"response","status":"completed","output":[]}}"#))
-}
-
 /// Deliveries whose fetch succeeds at once, except every `fail_every`-th, which fails once
 /// with 503 first (so retries are parked all along).
 fn responses(openai: &FakeOpenAi, prefix: &'static str, fail_every: usize) -> Arc<dyn Fn(usize) -> String + Send + Sync> {
@@ -33,7 +28,7 @@ fn responses(openai: &FakeOpenAi, prefix: &'static str, fail_every: usize) -> Ar
     Arc::new(move |n: usize| {
         let id = format!("resp_{prefix}{n}");
         let first = if n.is_multiple_of(fail_every) { vec![Scripted::status(503)] } else { Vec::new() };
-        api.script(&id, first.into_iter().chain([completed(&id)]));
+        api.script(&id, first.into_iter().chain([Scripted::completed(&id)]));
         event("response.completed", &id)
     })
 }

@@ -19,9 +19,7 @@ async fn sigkill_mid_load_and_restart_loses_nothing() {
     let senders = tokio::spawn(load(relay.url(), 8, usize::MAX, stop.clone(), make));
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        relay.kill();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        relay.spawn();
+        relay.crash_and_restart().await;
     }
     relay.wait_ready().await;
     tokio::time::sleep(Duration::from_secs(1)).await;

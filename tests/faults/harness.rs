@@ -99,6 +99,13 @@ impl Relay {
         self.child = Some(child);
     }
 
+    /// A crash (SIGKILL) and a restart half a second later, as a supervisor would do it.
+    pub async fn crash_and_restart(&mut self) {
+        self.kill();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.spawn();
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill(); // SIGKILL

@@ -9,11 +9,6 @@ use tokio_util::sync::CancellationToken;
 use crate::fake_openai::{FakeOpenAi, Scripted};
 use crate::harness::{BrokerStopped, Relay, SERIAL, amqp_url, collect, event, load, rabbitmqctl, report};
 
-/// A completed response for `id`, as the API would answer.
-fn completed(id: &str) -> Scripted {
-    Scripted::status(200).body(&format!(r#"{{"id":"{id}","object":"response","status":"completed","output":[]}}"#))
-}
-
 /// The operator's scenario from the durability issue: 24 senders, 12,000 deliveries, every
 /// 20th object's fetch fails once with 503 (so retries are parked all along), and mid-stream
 /// every broker connection closed, the broker app stopped and started, then the relay
@@ -31,7 +26,7 @@ async fn broker_restart_with_parked_retries_connection_closes_and_sigkills_lose_
     let make = Arc::new(move |n: usize| {
         let id = format!("resp_r{n}");
         let first = if n.is_multiple_of(20) { vec![Scripted::status(503)] } else { Vec::new() };
-        api.script(&id, first.into_iter().chain([completed(&id)]));
+        api.script(&id, first.into_iter().chain([Scripted::completed(&id)]));
         event("response.completed", &id)
     });
     let stop = CancellationToken::new();
@@ -48,9 +43,7 @@ async fn broker_restart_with_parked_retries_connection_closes_and_sigkills_lose_
     relay.wait_ready().await;
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        relay.kill();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        relay.spawn();
+        relay.crash_and_restart().await;
         relay.wait_ready().await;
     }
     let sender = senders.await.unwrap();
@@ -73,7 +66,7 @@ async fn broker_restart_while_the_worker_holds_unacked_deliveries_loses_nothing(
     let api = openai.clone();
     let make = Arc::new(move |n: usize| {
         let id = format!("resp_s{n}");
-        api.always(&id, completed(&id).delay(Duration::from_millis(500)));
+        api.always(&id, Scripted::completed(&id).delay(Duration::from_millis(500)));
         event("response.completed", &id)
     });
     let stop = CancellationToken::new();
