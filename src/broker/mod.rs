@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::uri::AMQPUri;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
+use lapin::{BasicProperties, Connection, ConnectionProperties, Event};
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -21,8 +21,10 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::{Metrics, label};
 use crate::topology::{Topology, migrate};
 
+mod confirms;
 pub mod nodes;
 
+use confirms::{ConfirmedChannel, Verdict};
 pub use nodes::Nodes;
 
 /// Longest wait for connecting and declaring the topology (a broker that accepts TCP but
@@ -53,7 +55,7 @@ pub struct Link {
 /// message or closes the channel: a consumer's full queue or an oversized message is that
 /// one publish's failure, not a reason to drop the connection and every consumer on it.
 struct Publisher {
-    channel: RwLock<Channel>,
+    channel: RwLock<Arc<ConfirmedChannel>>,
     /// One replacement at a time: a burst of nacks on one channel opens one new channel.
     replacing: tokio::sync::Mutex<()>,
 }
@@ -64,15 +66,15 @@ impl Link {
         self.broken.cancel();
     }
 
-    fn channel(&self) -> Channel {
+    fn channel(&self) -> Arc<ConfirmedChannel> {
         self.publisher.channel.read().expect("publisher lock").clone()
     }
 
     /// Replaces the publishing channel if it is still `failed`; reports the whole link
     /// broken when the connection itself is gone or no channel can be opened.
-    async fn replace_channel(&self, failed: &Channel) {
+    async fn replace_channel(&self, failed: &ConfirmedChannel) {
         let _one = self.publisher.replacing.lock().await;
-        if self.channel().id() != failed.id() {
+        if self.channel().channel().id() != failed.channel().id() {
             return; // another publish already replaced it
         }
         // Not closed here: publishes still in flight on it (a receiver's inbox store, say)
@@ -87,10 +89,10 @@ impl Link {
     }
 }
 
-async fn open_publisher(connection: &Connection) -> lapin::Result<Channel> {
+async fn open_publisher(connection: &Connection) -> lapin::Result<Arc<ConfirmedChannel>> {
     let channel = connection.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok(channel)
+    Ok(ConfirmedChannel::new(channel))
 }
 
 /// Why a publish did not end in a confirmed, routed message.
@@ -174,37 +176,31 @@ impl Broker {
         let link = self.link().ok_or(PublishError::NotConnected)?;
         let channel = link.channel();
         let started = Instant::now();
-        let attempt = async {
-            let confirm = channel
-                .basic_publish(
-                    message.exchange.into(),
-                    message.routing_key.into(),
-                    BasicPublishOptions { mandatory, ..Default::default() },
-                    message.body,
-                    message.properties,
-                )
-                .await?;
-            confirm.await
-        };
-        let confirmation = match tokio::time::timeout(self.confirm_timeout, attempt).await {
+        let options = BasicPublishOptions { mandatory, ..Default::default() };
+        let verdict = channel.publish(message.exchange, message.routing_key, options, message.body, message.properties);
+        let verdict = match tokio::time::timeout(self.confirm_timeout, verdict).await {
             Err(_) => return Err(PublishError::Timeout(self.confirm_timeout)),
-            Ok(Err(e)) => {
+            // The channel's collector is gone: nobody knows what became of the message.
+            Ok(Err(_)) => return Err(PublishError::NotConnected),
+            Ok(Ok(verdict)) => verdict,
+        };
+        if !matches!(verdict, Verdict::Failed(_)) {
+            latency.observe(started.elapsed().as_secs_f64());
+        }
+        match verdict {
+            Verdict::Stored => Ok(()),
+            Verdict::Returned => Err(PublishError::Unroutable(message.routing_key.to_owned())),
+            Verdict::Nacked => {
+                link.replace_channel(&channel).await;
+                Err(PublishError::Nacked)
+            }
+            Verdict::Failed(e) => {
                 if link.connection.status().connected() {
                     link.replace_channel(&channel).await;
                 } else {
                     link.report_broken();
                 }
-                return Err(PublishError::Channel(e));
-            }
-            Ok(Ok(confirmation)) => confirmation,
-        };
-        latency.observe(started.elapsed().as_secs_f64());
-        match confirmation {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(message.routing_key.to_owned())),
-            Confirmation::Nack(_) | Confirmation::NotRequested => {
-                link.replace_channel(&channel).await;
-                Err(PublishError::Nacked)
+                Err(PublishError::Channel(e))
             }
         }
     }

@@ -158,5 +158,55 @@ async fn a_parked_message_the_broker_leaves_past_its_due_time_is_moved_by_the_sw
     let expected: HashSet<String> = [event_id(&bodies[0])].into();
     let seen = published_ids(&relay, &out, &expected, Duration::from_secs(30)).await;
     assert!(!seen.contains(&event_id(&bodies[1])), "a message not yet due was released");
-    assert_eq!(value(&metrics(&relay).await, "relay_overdue_moved_total"), 1.0);
+    // The sweep counts its moves once it has looked at every delay queue, which can be after
+    // the worker has already published the moved event.
+    eventually(Duration::from_secs(10), "the move counted", async || {
+        (value(&metrics(&relay).await, "relay_overdue_moved_total") == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(value(&metrics(&relay).await, "relay_overdue_moved_total"), 1.0, "moved once");
+}
+
+/// lapin hands a `basic.return` to whichever confirm of the next (possibly multiple) ack it
+/// happens to complete first, so on a shared channel an unroutable publish could be told
+/// "acked" while a routed one is told "returned". The broker publish must tell each
+/// publish its own fate: every publish to a queue that does not exist fails as unroutable,
+/// every publish to one that does succeeds, however the broker batches its acks.
+#[tokio::test]
+async fn concurrent_publishes_get_their_own_return() {
+    use std::sync::Arc;
+    use openai_webhook_relay::broker::{Broker, Nodes, Outgoing, PublishError};
+    use openai_webhook_relay::metrics::Metrics;
+
+    let (topology, _cleanup, amqp) = crate::helpers::declared_topology().await;
+    let metrics = Arc::new(Metrics::default());
+    let nodes = Nodes::parse(&crate::helpers::amqp_url()).unwrap();
+    let broker = Broker::start(nodes, topology.clone(), false, Duration::from_secs(10), metrics.clone());
+    eventually(Duration::from_secs(10), "broker link", async || broker.is_ready().then_some(())).await;
+    let missing = format!("{}.missing", topology.inbox);
+
+    let mut wrong = Vec::new();
+    for round in 0..20 {
+        let publishes = (0..200).map(|i| {
+            let broker = broker.clone();
+            let (target, routed) = if i % 7 == round % 7 { (missing.clone(), false) } else { (topology.inbox.clone(), true) };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let body = format!("{round}-{i}");
+                let properties = lapin::BasicProperties::default().with_message_id(body.as_str().into());
+                let message = Outgoing { exchange: "", routing_key: &target, body: body.as_bytes(), properties };
+                let result = broker.publish(message, &metrics.publish_confirm_seconds).await;
+                match (routed, result) {
+                    (true, Ok(())) | (false, Err(PublishError::Unroutable(_))) => None,
+                    (routed, result) => Some(format!("{body} routed={routed}: {result:?}")),
+                }
+            })
+        });
+        for outcome in futures::future::join_all(publishes).await {
+            wrong.extend(outcome.unwrap());
+        }
+    }
+    broker.close().await;
+    let stored = amqp.take_all(&topology.inbox).await.len();
+    assert!(wrong.is_empty(), "{} of 4000 publishes were told another publish's fate (stored {stored}): {:?}", wrong.len(), &wrong[..wrong.len().min(10)]);
 }
