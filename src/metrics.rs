@@ -69,7 +69,7 @@ pub struct Metrics {
     /// 1 while Redis is configured for dedup but unreachable, so dedup is per process.
     pub dedup_fallback: Gauge,
     /// Parked messages the broker had not released past their due time, moved by the worker.
-    pub swept: Counter,
+    pub released: Counter,
     /// Gateway requests by outcome (`created`, `cancelled`, `duplicate`, `refused`, ...).
     pub gateway_requests: Family<Labels, Counter>,
     /// HTTP calls the gateway made to OpenAI, by action and status: with
@@ -108,7 +108,7 @@ impl Default for Metrics {
             queues_outdated: Gauge::default(),
             migrated_messages: Counter::default(),
             dedup_fallback: Gauge::default(),
-            swept: Counter::default(),
+            released: Counter::default(),
             gateway_requests: Family::default(),
             gateway_posts: Family::default(),
             replies: Family::default(),
@@ -135,7 +135,7 @@ impl Default for Metrics {
         r.register("worker_panics", "Deliveries whose handling panicked (dead-lettered)", m.panics.clone());
         r.register("queues_outdated", "Queues in use under an older version's arguments", m.queues_outdated.clone());
         r.register("migrated_messages", "Messages moved out of queues an older version left", m.migrated_messages.clone());
-        r.register("overdue_moved", "Parked messages past their due time moved by the worker", m.swept.clone());
+        r.register("released", "Parked messages the worker moved back to their queue when due", m.released.clone());
         r.register("dedup_fallback", "1 while configured Redis dedup is unreachable and dedup is per process", m.dedup_fallback.clone());
         r.register("gateway_requests", "Gateway requests by outcome", m.gateway_requests.clone());
         r.register("gateway_posts", "Gateway calls to the OpenAI API by action and status", m.gateway_posts.clone());

@@ -6,6 +6,7 @@
 //! While there is no link, publishes fail at once (the receiver answers 503) and `/readyz`
 //! says 503. Consumers watch [`Broker::subscribe`] and re-attach to each new link.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,8 @@ pub use nodes::Nodes;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Pause before a consumer re-attaches after its channel failed.
+const REATTACH_PAUSE: Duration = Duration::from_secs(1);
 /// How often a relay using a queue an older version declared checks whether it can now
 /// rebuild it.
 const OUTDATED_RECHECK: Duration = Duration::from_secs(60);
@@ -152,6 +155,33 @@ impl Broker {
     /// Follows link changes: consumers re-attach whenever a new link appears.
     pub fn subscribe(&self) -> watch::Receiver<Option<Link>> {
         self.link.clone()
+    }
+
+    /// Runs the consumer `consume` of `queue` on each link until `shutdown`; when it fails,
+    /// pauses and runs it again, on the new link if there is one. Only the consumer's own
+    /// channel is judged here: the connection is the supervisor's.
+    pub async fn consume_on_every_link<F, Consume>(&self, queue: &str, shutdown: &CancellationToken, mut consume: F)
+    where
+        F: FnMut(Link) -> Consume,
+        Consume: Future<Output = lapin::Result<()>>,
+    {
+        let mut links = self.subscribe();
+        while !shutdown.is_cancelled() {
+            let link = tokio::select! {
+                changed = links.wait_for(Option::is_some) => match changed {
+                    Ok(link) => link.clone().expect("waited for Some"),
+                    Err(_) => return,
+                },
+                () = shutdown.cancelled() => return,
+            };
+            if let Err(error) = consume(link).await {
+                tracing::warn!(%error, %queue, "consumer stopped; re-attaching");
+                tokio::select! {
+                    () = tokio::time::sleep(REATTACH_PAUSE) => {}
+                    () = shutdown.cancelled() => {}
+                }
+            }
+        }
     }
 
     /// Publishes with `mandatory` and waits for the broker's confirm, at most

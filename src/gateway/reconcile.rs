@@ -3,7 +3,7 @@
 //! rotated wrong) is still reported.
 //!
 //! For each created response the relay parks a watch: a small message in
-//! `<requests>.watch.delay.<tier>` that expires into `<requests>.watch` after
+//! `<requests>.watch.delay.<tier>` that the worker releases into `<requests>.watch` after
 //! `RELAY_RECONCILE_AFTER_SECS`. When it comes due, the relay claims `terminal/<response id>`
 //! in the dedup store (the webhook path claims the same key): already published → the watch
 //! ends; else it fetches the response. Terminal → published as `reconciled_<id>` with the

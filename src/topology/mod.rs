@@ -3,26 +3,26 @@
 //!
 //! ```text
 //! <inbox>                quorum  verified deliveries, consumed by the worker
-//! <inbox>.delay.<tier>   quorum  parked retries; an expired message dead-letters back to <inbox>
+//! <inbox>.delay.<tier>   quorum  parked retries; the worker moves each back to <inbox> when due
 //! <inbox>.dead           quorum  deliveries that ran out of attempts or cannot succeed
 //! <exchange>             topic   normalized CloudEvents, routing key = OpenAI event type
 //!
 //! with the gateway on (`RELAY_REQUEST_QUEUE`, see `gateway`):
 //! <requests>                      quorum  requests to OpenAI, consumed by the worker
-//! <requests>.delay.<tier>         quorum  parked request retries; expire back to <requests>
+//! <requests>.delay.<tier>         quorum  parked request retries; released back to <requests>
 //! <requests>.dead                 quorum  refused requests and expired watches, with the reason
 //! <requests>.watch                quorum  safety-net watches that came due
-//! <requests>.watch.delay.<tier>   quorum  parked watches; expire into <requests>.watch
+//! <requests>.watch.delay.<tier>   quorum  parked watches; released into <requests>.watch
 //! ```
 //!
-//! Every queue is a quorum queue: replicated on a cluster, and the only kind whose
-//! dead-lettering is at-least-once. A parked retry therefore survives a broker restart or a
-//! node loss exactly like an inbox message, and an expired one is handed to the inbox only
-//! once the inbox has confirmed it (classic queues dead-letter at-most-once: a retry expiring
-//! while the inbox had no leader was dropped). At-least-once dead-lettering needs
-//! `x-overflow: reject-publish` on the source queue, which also means a length limit an
-//! operator adds by policy refuses new messages (the receiver answers 503) instead of
-//! silently dropping the oldest.
+//! Every queue is a quorum queue: replicated on a cluster, so a parked retry survives a
+//! broker restart or a node loss exactly like an inbox message. Parked messages have no TTL:
+//! the worker releases them (`worker::release`, which says why), a copy confirmed in the
+//! target before the original is acked. The dead-letter arguments remain for what the
+//! broker itself dead-letters (a message over the delivery limit), at-least-once, which
+//! needs `x-overflow: reject-publish`; that also means a length limit an operator adds by
+//! policy refuses new messages (the receiver answers 503) instead of silently dropping the
+//! oldest.
 //!
 //! `deploy/rabbitmq/definitions.json` declares the same objects for operators who
 //! pre-provision; a test keeps the two equal. [`migrate`] moves what an older version left
@@ -37,10 +37,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
 /// Retry delays are parked in one queue per tier. A message waits in the smallest tier at
-/// least as long as its delay, with its own per-message TTL. RabbitMQ expires messages only
-/// at the head of a queue, so a message can wait behind a longer one of the same tier; the
-/// factor of 4 between tiers bounds that wait: a retry is due after its delay and at most
-/// 4x its delay (plus the broker's expiry timer, well under a second).
+/// least as long as its delay, with its due time in a header. The worker holds up to 256
+/// messages of a tier at once, each until its own due time; a message behind them waits
+/// for a slot, and the factor of 4 between tiers bounds that wait: a retry is due after its
+/// delay and at most 4x its delay (the tiers above 10 minutes are looked at every 10 s).
 pub const DELAY_TIERS: [Duration; 9] = [
     Duration::from_millis(100),
     Duration::from_millis(400),
@@ -139,6 +139,14 @@ impl QueueSpec {
     }
 }
 
+/// A delay queue, the queue it releases into, and its tier.
+#[derive(Debug, Clone)]
+pub struct DelayQueue {
+    pub source: String,
+    pub target: String,
+    pub tier: Duration,
+}
+
 /// The delay queue for `delay` in front of `target`: the smallest tier that holds it.
 pub fn delay_queue(target: &str, delay: Duration) -> String {
     let tier = DELAY_TIERS.iter().find(|tier| **tier >= delay).unwrap_or(&MAX_DELAY);
@@ -195,9 +203,10 @@ impl Topology {
     }
 
     /// Every delay queue, with the queue it releases into.
-    pub fn delay_queues(&self) -> Vec<(String, String)> {
+    pub fn delay_queues(&self) -> Vec<DelayQueue> {
         let targets: Vec<String> = std::iter::once(self.inbox.clone()).chain(self.requests.clone()).chain(self.watch()).collect();
-        targets.iter().flat_map(|target| DELAY_TIERS.iter().map(move |tier| (delay_queue(target, *tier), target.clone()))).collect()
+        let queues = targets.iter().flat_map(|target| DELAY_TIERS.iter().map(move |tier| (target, *tier)));
+        queues.map(|(target, tier)| DelayQueue { source: delay_queue(target, tier), target: target.clone(), tier }).collect()
     }
 
     /// Every queue name the relay declares, for operators and test clean-up.

@@ -10,6 +10,7 @@
 //! or the delivery's channel is gone (then the broker has put it back already).
 
 pub mod dedup;
+pub mod release;
 pub mod retry;
 
 use std::collections::HashMap;
@@ -42,10 +43,6 @@ use crate::publish::EventPublisher;
 use crate::topology::Topology;
 use crate::verify::HEADER_ID;
 
-/// Pause before the consumer re-attaches after its channel failed.
-const REATTACH_PAUSE: Duration = Duration::from_secs(1);
-/// How often the worker looks for parked messages the broker left past their due time.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest pause between two attempts to park a delivery while the broker fails.
 const MOVE_RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -110,59 +107,17 @@ impl Worker {
             lanes.push((Lane::Watch, watch));
         }
         let consumers = lanes.into_iter().map(|(lane, queue)| Arc::clone(&self).run_lane(lane, queue, shutdown.clone(), tasks.clone()));
-        tokio::join!(futures::future::join_all(consumers), self.sweep_delay_queues(shutdown.clone()));
+        let delay_queues = self.topology.delay_queues();
+        tokio::join!(futures::future::join_all(consumers), release::run(&self.broker, &self.metrics, delay_queues, &shutdown, &tasks));
         tasks.close();
         tasks.wait().await;
     }
 
-    /// Every [`SWEEP_INTERVAL`], moves parked messages the broker left past their due time
-    /// (see [`retry::sweep`]).
-    async fn sweep_delay_queues(&self, shutdown: CancellationToken) {
-        let queues = self.topology.delay_queues();
-        let mut every = tokio::time::interval(SWEEP_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = every.tick() => {}
-                () = shutdown.cancelled() => return,
-            }
-            let Some(link) = self.broker.link() else { continue };
-            let swept = async {
-                let channel = link.connection.create_channel().await?;
-                channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
-                let moved = retry::sweep(&channel, &queues).await;
-                let _ = channel.close(200, "swept".into()).await;
-                moved
-            };
-            match swept.await {
-                Ok(moved) => {
-                    self.metrics.swept.inc_by(moved);
-                }
-                Err(error) => tracing::debug!(%error, "delay queue sweep failed; trying again later"),
-            }
-        }
-    }
-
     /// Consumes `queue` on every link until `shutdown`.
     async fn run_lane(self: Arc<Self>, lane: Lane, queue: String, shutdown: CancellationToken, tasks: TaskTracker) {
-        let mut links = self.broker.subscribe();
-        while !shutdown.is_cancelled() {
-            let link = tokio::select! {
-                changed = links.wait_for(Option::is_some) => match changed {
-                    Ok(link) => link.clone().expect("waited for Some"),
-                    Err(_) => break,
-                },
-                () = shutdown.cancelled() => break,
-            };
-            if let Err(error) = self.consume(&link, lane, &queue, &shutdown, &tasks).await {
-                // Only this consumer's channel: the connection and the publishing channel
-                // are the supervisor's to judge.
-                tracing::warn!(%error, %queue, "consumer stopped; re-attaching");
-                tokio::select! {
-                    () = tokio::time::sleep(REATTACH_PAUSE) => {}
-                    () = shutdown.cancelled() => {}
-                }
-            }
-        }
+        let (this, name, stop, tracker) = (&self, &queue, &shutdown, &tasks);
+        let consume = move |link: Link| async move { this.consume(&link, lane, name, stop, tracker).await };
+        self.broker.consume_on_every_link(&queue, &shutdown, consume).await;
     }
 
     async fn consume(self: &Arc<Self>, link: &Link, lane: Lane, queue: &str, shutdown: &CancellationToken, tasks: &TaskTracker) -> lapin::Result<()> {

@@ -21,7 +21,7 @@ pub const HEADER_ERROR_STATUS: &str = "x-relay-error-status";
 pub const HEADER_ERROR_REASON: &str = "x-relay-error-reason";
 pub const HEADER_ERROR_MESSAGE: &str = "x-relay-error-message";
 pub const HEADER_DEAD_AT: &str = "x-relay-dead-at";
-/// When a parked message is due (Unix milliseconds): what the sweep goes by.
+/// When a parked message is due (Unix milliseconds): what `release` goes by.
 pub const HEADER_DUE_AT: &str = "x-relay-due-at";
 
 /// Why a delivery did not make it this time.
@@ -82,55 +82,17 @@ pub async fn park(
     Ok(())
 }
 
-/// `properties` for a message parked in a delay queue for `delay`: its TTL, and the time it
-/// is due, for [`sweep`].
+/// `properties` for a message parked in a delay queue for `delay`: the time it is due, by
+/// which the worker releases it (`release`). No TTL: see `release` for why.
 pub fn delayed(properties: BasicProperties, delay: Duration) -> BasicProperties {
     let mut headers = properties.headers().clone().unwrap_or_default();
     let due = unix_millis().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
     headers.insert(HEADER_DUE_AT.into(), AMQPValue::LongLongInt(due));
-    properties.with_headers(headers).with_expiration(delay.as_millis().max(1).to_string().into())
+    properties.with_headers(headers)
 }
 
-fn unix_millis() -> i64 {
+pub fn unix_millis() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// How long past its due time a parked message may sit before the sweep moves it.
-pub const SWEEP_GRACE: Duration = Duration::from_secs(5);
-
-/// Moves overdue messages from the head of each delay queue into the queue it releases to.
-///
-/// Normally the broker does that itself: an expired message dead-letters to its target. But
-/// on the RabbitMQ versions we run, a quorum queue's head sometimes stays put past its TTL
-/// (seen here: a retry still parked 30 s after its 1 s delay, the queue otherwise idle;
-/// rabbitmq-server#10718 reports the same). Fetching the head makes the queue look at it:
-/// an expired head is dead-lettered on the spot; one that is overdue by our clock is
-/// copied to its target (confirmed) and acked; anything else is handed back to the head.
-pub async fn sweep(channel: &lapin::Channel, queues: &[(String, String)]) -> lapin::Result<u64> {
-    use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions};
-    let mut moved = 0;
-    for (queue, target) in queues {
-        let Some(message) = channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }).await? else { continue };
-        let delivery = message.delivery;
-        let due = crate::inbox::int_header(&delivery.properties, HEADER_DUE_AT);
-        let overdue = due.is_some_and(|due| due.saturating_add(SWEEP_GRACE.as_millis() as i64) <= unix_millis());
-        if !overdue {
-            delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
-            continue;
-        }
-        // Rebuilt without the expiration, which has done its work.
-        let properties = with_headers(&delivery.properties, []);
-        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
-        let confirmation = channel.basic_publish("".into(), target.as_str().into(), options, &delivery.data, properties).await?.await?;
-        if matches!(confirmation, lapin::Confirmation::Ack(None)) {
-            delivery.acker.ack(BasicAckOptions::default()).await?;
-            moved += 1;
-            tracing::warn!(%queue, %target, "moved an overdue parked message the broker had not expired");
-        } else {
-            delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
-        }
-    }
-    Ok(moved)
 }
 
 /// Moves `delivery` to the dead-letter queue `dead` (`<inbox>.dead`, `<requests>.dead`)
