@@ -20,6 +20,7 @@ pub use crate::deliveries::{event, webhook_id};
 use crate::fake_openai::{API_KEY, FakeOpenAi};
 
 pub fn amqp_url() -> String {
+    crate::services::ensure();
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 

@@ -7,6 +7,8 @@
 mod cleanup;
 #[path = "../support/deliveries.rs"]
 mod deliveries;
+#[path = "../support/services.rs"]
+mod services;
 mod fake_openai;
 mod helpers;
 mod receiver;

@@ -3,13 +3,12 @@
 //! test prints `<name>: sent=… acked=… published=… lost=… duplicates=… longest_stall_ms=…`
 //! and fails if an acknowledged event is lost.
 //!
-//! Not run by `cargo test` (they take about 6 minutes, and one fails now and then): run them
-//! with `cargo test --test cluster -- --include-ignored`. On RabbitMQ 3.10.8, killing the node
-//! that holds the inbox's leader left, in 2 of 10 runs, every retry parked in one delay queue
-//! afterwards stranded in that queue's at-least-once dead-letter state (`messages` ≈ 800,
-//! `messages_ready` 0, nothing forwarded for 5 minutes): the broker's dead-letter worker
-//! stopped forwarding to the re-elected inbox. The relay's own parked retries need to stop
-//! depending on it (see README, "Cluster").
+//! Not run by `cargo test` (they take about 7 minutes): run them with
+//! `cargo test --test cluster -- --include-ignored`. On RabbitMQ 3.10.8, killing the node
+//! that held the inbox's leader used to strand, in 2 of 10 runs, every retry parked in one
+//! delay queue in that queue's at-least-once dead-letter state (`messages` ≈ 800,
+//! `messages_ready` 0, nothing forwarded for 5 minutes); since the worker releases parked
+//! retries itself (`worker::release`), no run has lost one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,7 +88,7 @@ async fn parked(cluster: &Cluster, via: usize, relay: &Relay) -> u64 {
 
 /// Under sustained load, `kill -9` the node that holds the inbox's leader.
 #[tokio::test]
-#[ignore = "slow; strands parked retries in 2 of 9 runs on RabbitMQ 3.10.8 (see the module doc)"]
+#[ignore = "slow: run with --include-ignored"]
 async fn killing_the_inbox_leaders_node_under_load_loses_nothing() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start().await;

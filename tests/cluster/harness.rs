@@ -77,6 +77,8 @@ struct Node {
 impl Cluster {
     /// Three nodes running and clustered, each answering AMQP on its own port.
     pub async fn start() -> Self {
+        // The package's scripts are what the nodes run; installed on a fresh machine.
+        crate::services::ensure();
         let id = format!("{:08x}", fastrand::u32(..));
         let dir = std::env::temp_dir().join(format!("relay-cluster-{id}"));
         DirBuilder::new().mode(0o700).create(&dir).expect("the cluster's temporary directory");
@@ -255,7 +257,10 @@ impl Cluster {
             let mut file = OpenOptions::new().write(true).create_new(true).mode(0o400).open(node.dir.join("home/.erlang.cookie")).unwrap();
             file.write_all(cookie.as_bytes()).unwrap();
             fs::write(node.dir.join("rabbitmq-env.conf"), "").unwrap();
-            fs::write(node.dir.join("rabbitmq.conf"), "# Ports, paths and names come from the environment the test harness sets.\n").unwrap();
+            // Ports, paths and names come from the environment the harness sets. A node that
+            // hangs is counted down after `net_ticktime` (60 s unless set; RELAY_TEST_NET_TICKTIME).
+            let ticktime = std::env::var("RELAY_TEST_NET_TICKTIME").map(|secs| format!("net_ticktime = {secs}\n")).unwrap_or_default();
+            fs::write(node.dir.join("rabbitmq.conf"), ticktime).unwrap();
             fs::write(node.dir.join("enabled_plugins"), "[].\n").unwrap();
         }
     }

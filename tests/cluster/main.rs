@@ -19,6 +19,8 @@ mod fake_openai;
 mod cleanup;
 #[path = "../support/deliveries.rs"]
 mod deliveries;
+#[path = "../support/services.rs"]
+mod services;
 
 mod failover;
 mod smoke;

@@ -22,6 +22,7 @@ use crate::fake_openai::{API_KEY, FakeOpenAi};
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 pub fn amqp_url() -> String {
+    crate::services::ensure();
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 

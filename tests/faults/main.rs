@@ -18,6 +18,8 @@ mod proxy;
 mod cleanup;
 #[path = "../support/deliveries.rs"]
 mod deliveries;
+#[path = "../support/services.rs"]
+mod services;
 mod harness;
 
 mod api_faults;
