@@ -12,7 +12,9 @@
 //!    the same at half that rate (open loop);
 //! 3. worker: the release binary as `--role worker` draining a pre-filled inbox against a
 //!    fake OpenAI API (in this process) that answers after 100 ms; counts the CloudEvents
-//!    that reach the exchange.
+//!    that reach the exchange;
+//! 4. gateway: requests through RabbitMQ to the library's fake OpenAI API and back, next to a
+//!    raw lapin request/reply service (see `pipeline/gateway.rs`).
 //!
 //! The last line printed is the machine-readable summary. The process fails when an
 //! accepted delivery is missing (`lost` > 0) or a phase cannot run.
@@ -20,11 +22,14 @@
 //! Settings (environment): AMQP_URL; BENCH_CONCURRENCY (skip the ramp and use this C);
 //! BENCH_WARMUP_SECS (2); BENCH_SECS (10, each measured window); BENCH_THREADS (2, the
 //! generator's tokio runtime); BENCH_WORKER_EVENTS (3200); BENCH_FETCH_CONCURRENCY (32);
+//! BENCH_GATEWAY_REQUESTS (2000);
 //! BENCH_QUIET_WAIT_SECS (60: how long to wait for other processes to leave the CPU before
 //! starting anyway).
 
 #[path = "../tests/support/deliveries.rs"]
 mod deliveries;
+#[path = "pipeline/gateway.rs"]
+mod gateway;
 #[path = "pipeline/load.rs"]
 mod load;
 #[path = "pipeline/procs.rs"]
@@ -66,6 +71,7 @@ struct Settings {
     threads: usize,
     worker_events: usize,
     fetch_concurrency: usize,
+    gateway_requests: usize,
 }
 
 fn env_number(name: &str, default: u64) -> u64 {
@@ -82,6 +88,7 @@ impl Settings {
             threads: env_number("BENCH_THREADS", 2) as usize,
             worker_events: env_number("BENCH_WORKER_EVENTS", 3200) as usize,
             fetch_concurrency: env_number("BENCH_FETCH_CONCURRENCY", 32) as usize,
+            gateway_requests: env_number("BENCH_GATEWAY_REQUESTS", 2000) as usize,
         }
     }
 }
@@ -104,8 +111,10 @@ fn main() -> ExitCode {
 
 /// Names of everything this run creates on the broker, for the clean-up.
 struct Names {
+    tag: String,
     ingest: Topology,
     worker: Topology,
+    gateway: Topology,
     baseline: String,
 }
 
@@ -141,7 +150,9 @@ async fn run(settings: Settings) -> Result<ExitCode, String> {
     let names = Names {
         ingest: Topology { exchange: format!("{tag}.events"), inbox: format!("{tag}.inbox"), requests: None },
         worker: Topology { exchange: format!("{tag}.w.events"), inbox: format!("{tag}.w.inbox"), requests: None },
+        gateway: Topology { exchange: format!("{tag}.g.events"), inbox: format!("{tag}.g.inbox"), requests: Some(format!("{tag}.g.requests")) },
         baseline: format!("{tag}.baseline"),
+        tag,
     };
     let result = phases(&settings, &binary, &channel, &names).await;
     let _ = control.close(200, "bench done".into()).await;
@@ -161,11 +172,13 @@ async fn cleanup(amqp_url: &str, names: &Names) {
     let Ok(channel) = connection.create_channel().await else { return };
     let mut queues = names.ingest.queues();
     queues.extend(names.worker.queues());
+    queues.extend(names.gateway.queues());
+    queues.extend(gateway::extra_queues(&names.tag));
     queues.push(names.baseline.clone());
     for queue in queues {
         let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
     }
-    for exchange in [&names.ingest.exchange, &names.worker.exchange] {
+    for exchange in [&names.ingest.exchange, &names.worker.exchange, &names.gateway.exchange] {
         let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
     }
     let _ = connection.close(200, "bench clean-up".into()).await;
@@ -200,6 +213,7 @@ struct Report {
     reused: usize,
     receiver_rss_kib: u64,
     worker: WorkerResult,
+    gateway: gateway::GatewayResult,
 }
 
 struct WorkerResult {
@@ -294,7 +308,7 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
 
     // 1. Ingest: the relay as a receiver, driven over keep-alive HTTP/1.1.
     let phase_started = Instant::now();
-    println!("phase 1/3: relay ingest (--role receiver)");
+    println!("phase 1/4: relay ingest (--role receiver)");
     let http = reqwest::Client::new();
     let addr = procs::free_port();
     let relay_env = |topology: &Topology| {
@@ -362,7 +376,7 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
 
     // 2. Baseline: the broker alone, same bodies, same kind of queue, same generator design.
     let phase_started = Instant::now();
-    println!("phase 2/3: baseline, raw lapin publishes to a quorum queue, {c} in flight");
+    println!("phase 2/4: baseline, raw lapin publishes to a quorum queue, {c} in flight");
     let connection = Connection::connect(&settings.amqp_url, ConnectionProperties::default()).await.map_err(|e| e.to_string())?;
     let publisher = connection.create_channel().await.map_err(|e| e.to_string())?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
@@ -398,6 +412,22 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
     let worker = worker_phase(settings, binary, control, names, &secret, &relay_env(&names.worker), &broker, &http).await?;
     println!("  (worker phase took {:.1} s)", phase_started.elapsed().as_secs_f64());
 
+    // 4. Gateway: requests to the fake OpenAI API through RabbitMQ, and their replies.
+    let phase_started = Instant::now();
+    let gateway = gateway::phase(
+        &settings.amqp_url,
+        binary,
+        &names.gateway,
+        &names.tag,
+        settings.gateway_requests,
+        &secret_text,
+        &relay_env(&names.gateway),
+        &broker,
+        &http,
+    )
+    .await?;
+    println!("  (gateway phase took {:.1} s)", phase_started.elapsed().as_secs_f64());
+
     Ok(Report {
         body_bytes: Pool::build(&secret, addr, 1).body_len(),
         concurrency,
@@ -413,6 +443,7 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
         reused,
         receiver_rss_kib,
         worker,
+        gateway,
     })
 }
 
@@ -453,7 +484,7 @@ async fn worker_phase(
 ) -> Result<WorkerResult, String> {
     let n = settings.worker_events;
     let concurrency = settings.fetch_concurrency;
-    println!("phase 3/3: worker (--role worker), {n} deliveries, fake OpenAI API answering after {} ms, RELAY_FETCH_CONCURRENCY={concurrency}", FETCH_DELAY.as_millis());
+    println!("phase 3/4: worker (--role worker), {n} deliveries, fake OpenAI API answering after {} ms, RELAY_FETCH_CONCURRENCY={concurrency}", FETCH_DELAY.as_millis());
     let topology = &names.worker;
     topology.declare(control).await.map_err(|e| format!("declaring the worker topology: {e}"))?;
 
@@ -640,6 +671,27 @@ impl Report {
             cpu_cell(&w.cpu, "generator"),
             cpu_cell(&w.cpu, "others"),
         );
+        let g = &self.gateway;
+        println!(
+            "| relay gateway, request → POST → webhook → fetch → reply | {} requests | {:.0} | {:.2} | {:.2} | – | – | {} | {} | {} | {} | {} |",
+            g.requests,
+            g.rps,
+            g.p50_ms,
+            g.p99_ms,
+            g.requests - g.terminal,
+            cpu_cell(&g.cpu, "relay"),
+            cpu_cell(&g.cpu, "broker"),
+            cpu_cell(&g.cpu, "generator"),
+            cpu_cell(&g.cpu, "others"),
+        );
+        println!(
+            "| baseline, lapin request → reply | {} requests | {:.0} | – | – | – | – | – | – | {} | {} | {} |",
+            g.requests,
+            g.baseline_rps,
+            cpu_cell(&g.baseline_cpu, "broker"),
+            cpu_cell(&g.baseline_cpu, "generator"),
+            cpu_cell(&g.baseline_cpu, "others"),
+        );
         println!();
         println!(
             "Open-loop latency runs from each request's scheduled send time (no coordinated omission). Requests left late, because all {c} connections were waiting, by {:.2} ms at p99 and {:.2} ms at most (baseline {:.2} / {:.2} ms): a long one is a stall of the whole pipeline, e.g. RabbitMQ rolling over its quorum-queue write-ahead log.",
@@ -650,9 +702,10 @@ impl Report {
         );
         let ingest_lost = self.ramp_lost + self.ingest_closed.lost() + self.ingest_open.lost();
         let worker_lost = (w.events - w.published) as u64;
-        let lost = ingest_lost + worker_lost;
+        let gateway_lost = (g.requests - g.terminal) as u64;
+        let lost = ingest_lost + worker_lost + gateway_lost;
         println!(
-            "Accounting: relay 2xx / inbox depth: ramp {} / {}, closed {} / {}, open {} / {}; baseline confirms / queue depth: closed {} / {}, open {} / {}; worker published {} of {} deliveries ({} duplicates), {} left in its inbox; ids re-sent because a pool ran out: {}.",
+            "Accounting: relay 2xx / inbox depth: ramp {} / {}, closed {} / {}, open {} / {}; baseline confirms / queue depth: closed {} / {}, open {} / {}; worker published {} of {} deliveries ({} duplicates), {} left in its inbox; gateway terminal replies {} of {} requests ({} queued replies, {} duplicate POSTs, {} webhooks); ids re-sent because a pool ran out: {}.",
             self.ramp_accepted,
             self.ramp_stored,
             self.ingest_closed.result.accepted,
@@ -667,12 +720,19 @@ impl Report {
             w.events,
             w.duplicates,
             w.left_in_inbox,
+            g.terminal,
+            g.requests,
+            g.queued,
+            g.duplicate_posts,
+            g.webhooks,
             self.reused
         );
         let others = [&self.ingest_closed, &self.ingest_open, &self.baseline_closed, &self.baseline_open]
             .iter()
             .flat_map(|m| m.result.cpu.iter())
             .chain(w.cpu.iter())
+            .chain(g.cpu.iter())
+            .chain(g.baseline_cpu.iter())
             .filter(|u| u.name == "others")
             .map(|u| u.cores)
             .fold(0.0, f64::max);
@@ -699,13 +759,16 @@ impl Report {
             verdict(rss_mb <= 50.0),
         );
         println!("lost={lost}");
+        let gateway_ratio = if g.baseline_rps > 0.0 { g.rps / g.baseline_rps } else { 0.0 };
         println!(
-            "ingest_rps={ingest_rps:.0} baseline_rps={baseline_rps:.0} ratio={ratio:.3} p50_ms={p50:.2} p99_ms={p99:.2} worker_eps={:.0} worker_bound_eps={worker_bound:.0} rss_mb={:.0}",
+            "ingest_rps={ingest_rps:.0} baseline_rps={baseline_rps:.0} ratio={ratio:.3} p50_ms={p50:.2} p99_ms={p99:.2} worker_eps={:.0} worker_bound_eps={worker_bound:.0} rss_mb={:.0} gateway_rps={:.0} gateway_baseline_rps={:.0} gateway_ratio={gateway_ratio:.3}",
             w.eps,
-            rss_mb.ceil()
+            rss_mb.ceil(),
+            g.rps,
+            g.baseline_rps
         );
         if lost > 0 {
-            eprintln!("FAILED: {lost} accepted deliveries are missing");
+            eprintln!("FAILED: {lost} accepted deliveries or requests are missing");
             return ExitCode::FAILURE;
         }
         ExitCode::SUCCESS

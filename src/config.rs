@@ -29,6 +29,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the relay (default).
     Serve(ServeArgs),
+    /// Try the whole loop on this machine: `serve`'s flags, plus a private RabbitMQ node when
+    /// none answers, a generated secret and a built-in fake OpenAI API unless
+    /// OPENAI_API_KEY is set; prints the commands that drive it.
+    Dev(ServeArgs),
     /// Sign a delivery exactly as OpenAI does and POST it to a relay.
     Send(crate::cli::SendArgs),
     /// Print the relay's events as they arrive (a temporary queue on the output exchange).

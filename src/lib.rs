@@ -19,13 +19,15 @@
 //!
 //! Around them: [`broker`] keeps the RabbitMQ connection alive, [`topology`] names and
 //! declares the queues and exchange, [`config`] reads flags and environment, [`app`] wires a
-//! process together, [`metrics`], [`telemetry`] and [`shutdown`] serve operations, and
-//! [`cli`] holds the operator subcommands.
+//! process together, [`metrics`], [`telemetry`] and [`shutdown`] serve operations,
+//! [`cli`] holds the operator subcommands, and [`dev`] the one-command local loop (a
+//! private RabbitMQ node and a fake OpenAI API, also what the tests run against).
 
 pub mod app;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod dev;
 pub mod envelope;
 pub mod fetch;
 pub mod gateway;

@@ -1,16 +1,17 @@
-//! Wiring only: parse the command line, then serve or run an operator subcommand.
+//! Wiring only: parse the command line, then serve, run `dev`, or run an operator subcommand.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use openai_webhook_relay::config::ServeArgs;
-use openai_webhook_relay::{App, Cli, Command, cli, shutdown, telemetry};
+use openai_webhook_relay::{App, Cli, Command, cli, dev, shutdown, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let Cli { command, serve } = Cli::parse();
     let result = match command.unwrap_or(Command::Serve(serve)) {
         Command::Serve(args) => run(args).await,
+        Command::Dev(args) => dev::run(args).await,
         Command::Send(args) => cli::send(args).await,
         Command::Tail(args) => cli::tail(args).await,
         Command::ReplayDead(args) => cli::replay_dead(args).await,

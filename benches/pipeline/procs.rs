@@ -199,6 +199,12 @@ pub struct Usage {
     pub cpu_wait_ms_per_s: f64,
 }
 
+/// CPU counters at the start of a window.
+pub struct CpuWindow {
+    before: Vec<(u64, u64)>,
+    started: Instant,
+}
+
 /// Measures the CPU the named processes use over a time window.
 pub struct CpuProbe {
     processes: Vec<(String, Vec<String>)>,
@@ -229,9 +235,18 @@ impl CpuProbe {
     /// milliseconds per second its threads waited for a CPU.
     pub async fn measure_between(&self, from: Instant, until: Instant) -> Vec<Usage> {
         tokio::time::sleep_until(from.into()).await;
-        let before = self.sample();
-        let started = Instant::now();
+        let window = self.start();
         tokio::time::sleep_until(until.into()).await;
+        self.finish(window)
+    }
+
+    /// Opens a window that [`CpuProbe::finish`] closes, for a phase of unknown length.
+    pub fn start(&self) -> CpuWindow {
+        CpuWindow { before: self.sample(), started: Instant::now() }
+    }
+
+    pub fn finish(&self, window: CpuWindow) -> Vec<Usage> {
+        let CpuWindow { before, started } = window;
         let after = self.sample();
         let seconds = started.elapsed().as_secs_f64();
         let mut usage: Vec<Usage> = self

@@ -9,6 +9,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use openai_webhook_relay::inbox::{header, int_header};
+use openai_webhook_relay::verify::Secret;
 use serde_json::{Value, json};
 
 use crate::fake_openai::{API_KEY, FakeOpenAi};
@@ -18,8 +19,8 @@ use crate::helpers::{Options, Relay, eventually, secret_text, spawn_relay_with, 
 pub async fn spawn_gateway(options: Options) -> Relay {
     let mut topology = unique_topology();
     topology.requests = Some(format!("{}.requests", topology.inbox.trim_end_matches(".inbox")));
-    let relay = spawn_relay_with(options, FakeOpenAi::start().await, topology).await;
-    relay.openai.send_webhooks_to(&relay.url, &secret_text());
+    let relay = spawn_relay_with(options, FakeOpenAi::start().await.unwrap(), topology).await;
+    relay.openai.send_webhooks_to(&relay.url, Secret::parse(&secret_text()).unwrap());
     relay
 }
 

@@ -72,7 +72,7 @@ pub struct Relay {
 }
 
 pub async fn spawn_relay(options: Options) -> Relay {
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     spawn_relay_with(options, openai, unique_topology()).await
 }
 

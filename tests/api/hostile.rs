@@ -488,7 +488,7 @@ async fn ten_thousand_idle_connections_do_not_keep_a_signed_delivery_out() {
         println!("open-files limit {limit}: holding {idle} idle connections instead of {WANTED} (raise `ulimit -n` for the full test)");
     }
 
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     let topology = unique_topology();
     let _cleanup = Cleanup::topology(&topology);
     let port = free_port();

@@ -9,7 +9,7 @@ mod cleanup;
 mod deliveries;
 #[path = "../support/services.rs"]
 mod services;
-mod fake_openai;
+use openai_webhook_relay::dev::fake_openai;
 mod helpers;
 mod receiver;
 

@@ -95,7 +95,7 @@ async fn queues_of_the_previous_version_are_migrated_without_losing_a_message() 
         put(channel, &old_tier(&topology, Duration::from_millis(6_400)), id, &attempts, Some("3000")).await;
     }
 
-    let relay = spawn_relay_with(Options::default(), FakeOpenAi::start().await, topology.clone()).await;
+    let relay = spawn_relay_with(Options::default(), FakeOpenAi::start().await.unwrap(), topology.clone()).await;
     let mut published = Vec::new();
     eventually(Duration::from_secs(30), "the two inbox and the two parked deliveries published", async || {
         while let Some(delivery) = amqp.next(&out, Duration::ZERO).await {
@@ -143,7 +143,7 @@ async fn an_old_inbox_still_consumed_elsewhere_is_used_as_it_is() {
         .await
         .unwrap();
 
-    let relay = spawn_relay_with(Options::default().role("receiver"), FakeOpenAi::start().await, topology.clone()).await;
+    let relay = spawn_relay_with(Options::default().role("receiver"), FakeOpenAi::start().await.unwrap(), topology.clone()).await;
     assert_eq!(relay.deliver(&event("something.new", "x_1")).await.status(), 200);
     let metrics = eventually(Duration::from_secs(5), "the outdated inbox reported", async || {
         let metrics = relay.get("/metrics").await.text().await.unwrap();

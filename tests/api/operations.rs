@@ -213,7 +213,7 @@ async fn sigterm_lets_the_delivery_in_hand_finish_and_exits_0() {
     use crate::fake_openai::{FakeOpenAi, Scripted};
     use crate::helpers::{Amqp, Cleanup, unique_topology};
 
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     let topology = unique_topology();
     let _cleanup = Cleanup::topology(&topology);
     let port = free_port();
@@ -298,7 +298,7 @@ async fn warnings_about_a_delivery_carry_its_ids_at_rust_log_warn() {
     use crate::fake_openai::{FakeOpenAi, Scripted};
     use crate::helpers::{Cleanup, unique_topology};
 
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     openai.always("resp_logs01", Scripted::status(500));
     let topology = unique_topology();
     let _cleanup = Cleanup::topology(&topology);

@@ -83,7 +83,7 @@ async fn duplicated_deliveries_to_two_replicas_are_published_once_with_redis() {
     use crate::operations::{free_port, spawn_binary};
 
     let redis_url = "redis://127.0.0.1:6379";
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     let topology = unique_topology();
     let _cleanup = Cleanup::topology(&topology);
     let ports = [free_port(), free_port()];

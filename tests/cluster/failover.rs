@@ -92,7 +92,7 @@ async fn parked(cluster: &Cluster, via: usize, relay: &Relay) -> u64 {
 async fn killing_the_inbox_leaders_node_under_load_loses_nothing() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start().await;
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     let relay = start_relay(&cluster, &openai, &[]).await;
     let stop = CancellationToken::new();
     let senders = tokio::spawn(load(relay.url(), 16, 10_000, stop.clone(), responses(&openai, "l", 10)));
@@ -115,7 +115,7 @@ async fn killing_the_inbox_leaders_node_under_load_loses_nothing() {
 async fn killing_the_relays_node_with_parked_retries_loses_nothing() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start().await;
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     // Retries wait 1.5 to 3 s: parked when the node dies.
     let relay = start_relay(&cluster, &openai, &[("RELAY_RETRY_INITIAL_DELAY_MS", "3000"), ("RELAY_RETRY_MAX_DELAY_MS", "6000")]).await;
     let stop = CancellationToken::new();
@@ -142,7 +142,7 @@ async fn killing_the_relays_node_with_parked_retries_loses_nothing() {
 async fn stopping_the_relays_node_and_starting_it_again_loses_nothing() {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start().await;
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     let relay = start_relay(&cluster, &openai, &[]).await;
     let stop = CancellationToken::new();
     let senders = tokio::spawn(load(relay.url(), 16, 4_000, stop.clone(), responses(&openai, "s", 10)));
@@ -168,7 +168,7 @@ async fn stopping_the_relays_node_and_starting_it_again_loses_nothing() {
 async fn a_hung_node_is_left_after_the_heartbeat_timeout_and_nothing_is_lost() {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start().await;
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     let relay = start_relay(&cluster, &openai, &[]).await;
     let stop = CancellationToken::new();
     let senders = tokio::spawn(load(relay.url(), 8, usize::MAX, stop.clone(), responses(&openai, "h", 10)));

@@ -12,9 +12,7 @@ mod harness;
 #[allow(dead_code)]
 #[path = "../faults/harness.rs"]
 mod load;
-#[allow(dead_code)]
-#[path = "../api/fake_openai.rs"]
-mod fake_openai;
+use openai_webhook_relay::dev::fake_openai;
 #[path = "../support/cleanup.rs"]
 mod cleanup;
 #[path = "../support/deliveries.rs"]
@@ -22,6 +20,7 @@ mod deliveries;
 #[path = "../support/services.rs"]
 mod services;
 
+mod dev;
 mod failover;
 mod smoke;
 mod teardown;

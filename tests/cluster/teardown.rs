@@ -13,9 +13,9 @@ use crate::harness::Cluster;
 
 /// What must be gone once a cluster is torn down.
 pub struct TornDown {
-    dir: PathBuf,
-    ports: Vec<u16>,
-    pids: Vec<u32>,
+    pub dir: PathBuf,
+    pub ports: Vec<u16>,
+    pub pids: Vec<u32>,
 }
 
 impl TornDown {

@@ -24,7 +24,7 @@ fn fault() -> Scripted {
 #[tokio::test]
 async fn openai_api_faults_mixed_under_load_end_published_or_dead_lettered() {
     let _serial = SERIAL.lock().await;
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     let relay = Relay::start(
         &openai,
         &amqp_url(),

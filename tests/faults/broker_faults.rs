@@ -16,7 +16,7 @@ fn passthrough() -> Arc<dyn Fn(usize) -> String + Send + Sync> {
 #[tokio::test]
 async fn broker_connections_cut_repeatedly_under_load_lose_nothing() {
     let _serial = SERIAL.lock().await;
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     let proxy = Proxy::start("127.0.0.1:5672").await;
     let relay = Relay::start(&openai, &proxy.amqp_url(), &[]).await;
     let stop = CancellationToken::new();
@@ -39,7 +39,7 @@ async fn broker_connections_cut_repeatedly_under_load_lose_nothing() {
 #[tokio::test]
 async fn rabbitmqctl_close_all_connections_under_load_loses_nothing() {
     let _serial = SERIAL.lock().await;
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     let relay = Relay::start(&openai, &amqp_url(), &[]).await;
     let stop = CancellationToken::new();
     let senders = tokio::spawn(load(relay.url(), 8, usize::MAX, stop.clone(), passthrough()));
@@ -56,7 +56,7 @@ async fn rabbitmqctl_close_all_connections_under_load_loses_nothing() {
 #[tokio::test]
 async fn broker_refusing_publishes_gets_503_and_recovers() {
     let _serial = SERIAL.lock().await;
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     // Receiver only: the inbox fills up and nothing drains it.
     let receiver = Relay::start(&openai, &amqp_url(), &[("RELAY_ROLE", "receiver")]).await;
     let inbox = receiver.topology.inbox.clone();

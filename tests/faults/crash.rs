@@ -11,7 +11,7 @@ use crate::harness::{Relay, SERIAL, amqp_url, collect, event, load, report};
 #[tokio::test]
 async fn sigkill_mid_load_and_restart_loses_nothing() {
     let _serial = SERIAL.lock().await;
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     let mut relay = Relay::start(&openai, &amqp_url(), &[]).await;
     let stop = CancellationToken::new();
     // Half need a fetch (served from fixtures), half pass through.

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use lapin::BasicProperties;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::AMQPValue;
+use openai_webhook_relay::verify::Secret;
 use serde_json::{Value, json};
 
 use crate::cleanup::Cleanup;
@@ -53,10 +54,10 @@ async fn gateway_sigkill_mid_batch_every_request_gets_its_terminal_reply() {
     // Declared before the relay, so it is dropped after the relay process is gone.
     let _cleanup = gateway_queues.fold(Cleanup::queue(&reply_queue), |c, q| c.and_queue(&q));
 
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     openai.complete_after(Duration::from_millis(500));
     let mut relay = Relay::start(&openai, &amqp_url(), &[("RELAY_REQUEST_QUEUE", &requests), ("RELAY_RECONCILE_AFTER_SECS", "2")]).await;
-    openai.send_webhooks_to(&format!("http://127.0.0.1:{}", relay.port), &secret_text());
+    openai.send_webhooks_to(&format!("http://127.0.0.1:{}", relay.port), Secret::parse(&secret_text()).unwrap());
 
     let (_connection, channel) = connect().await;
     let durable = QueueDeclareOptions { durable: true, ..Default::default() };

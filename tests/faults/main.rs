@@ -8,9 +8,7 @@
 //! take a lock so that they also run one at a time.
 
 // Shared with tests/api, which uses more of it than these tests do.
-#[allow(dead_code)]
-#[path = "../api/fake_openai.rs"]
-mod fake_openai;
+use openai_webhook_relay::dev::fake_openai;
 #[path = "../api/proxy.rs"]
 mod proxy;
 

@@ -18,7 +18,7 @@ use crate::harness::{BrokerStopped, Relay, SERIAL, amqp_url, collect, event, loa
 async fn broker_restart_with_parked_retries_connection_closes_and_sigkills_lose_nothing() {
     const DELIVERIES: usize = 12_000;
     let _serial = SERIAL.lock().await;
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     // Retries wait 1.5 to 3 s, in the 1 600 and 6 400 ms delay queues: many are parked
     // while the broker is down.
     let mut relay = Relay::start(&openai, &amqp_url(), &[("RELAY_RETRY_INITIAL_DELAY_MS", "3000"), ("RELAY_RETRY_MAX_DELAY_MS", "6000")]).await;
@@ -61,7 +61,7 @@ async fn broker_restart_with_parked_retries_connection_closes_and_sigkills_lose_
 #[tokio::test]
 async fn broker_restart_while_the_worker_holds_unacked_deliveries_loses_nothing() {
     let _serial = SERIAL.lock().await;
-    let openai = FakeOpenAi::start().await;
+    let openai = FakeOpenAi::start().await.unwrap();
     let relay = Relay::start(&openai, &amqp_url(), &[("RELAY_FETCH_TIMEOUT_SECS", "10")]).await;
     let api = openai.clone();
     let make = Arc::new(move |n: usize| {

@@ -1,6 +1,7 @@
-//! A fake OpenAI API on a local port: serves `fixtures/openai/<path>/<id>.json` at
-//! `GET /v1/<path>/<id>`, 404 with OpenAI's error body for anything else, and plays
-//! scripted answers (status, headers, delay, body) queued per id before falling back.
+//! A fake OpenAI API on a local port, for `dev` (no account, no network) and for the tests:
+//! serves the objects of `fixtures/openai/` (built in) at `GET /v1/<path>/<id>`, 404 with
+//! OpenAI's error body for anything else, and plays scripted answers (status, headers,
+//! delay, body) queued per id before falling back.
 //!
 //! It also runs background responses like OpenAI: `POST /v1/responses` answers `queued`,
 //! the response completes after a delay (echoing its input), and a signed
@@ -11,7 +12,6 @@
 //! and [`FakeOpenAi::rate_limit_next_create`] (429 with `retry-after-ms`).
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,10 +20,23 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Response, StatusCode};
 use axum::routing::{get, post};
-use openai_webhook_relay::verify::Secret;
+use crate::verify::Secret;
 use serde_json::{Value, json};
 
+/// The key the fake accepts; any key starting with it too (tests give each project its own,
+/// `sk-test-relay-alpha`, ...).
 pub const API_KEY: &str = "sk-test-relay";
+
+/// `fixtures/openai/`, built in so that `dev` serves them from any directory.
+const FIXTURES: [(&str, &str); 7] = [
+    ("responses/resp_completed01", include_str!("../../fixtures/openai/responses/resp_completed01.json")),
+    ("responses/resp_failed01", include_str!("../../fixtures/openai/responses/resp_failed01.json")),
+    ("responses/resp_cancelled01", include_str!("../../fixtures/openai/responses/resp_cancelled01.json")),
+    ("responses/resp_incomplete01", include_str!("../../fixtures/openai/responses/resp_incomplete01.json")),
+    ("responses/resp_refusal01", include_str!("../../fixtures/openai/responses/resp_refusal01.json")),
+    ("batches/batch_completed01", include_str!("../../fixtures/openai/batches/batch_completed01.json")),
+    ("fine_tuning/jobs/ftjob_succeeded01", include_str!("../../fixtures/openai/fine_tuning/jobs/ftjob_succeeded01.json")),
+];
 
 #[derive(Clone)]
 pub struct Scripted {
@@ -92,17 +105,18 @@ pub struct FakeOpenAi {
 }
 
 impl FakeOpenAi {
-    pub async fn start() -> Self {
+    /// Serves on `127.0.0.1` at a free port.
+    pub async fn start() -> std::io::Result<Self> {
         let inner = Arc::new(Mutex::new(Inner { complete_after: Duration::from_millis(300), ..Inner::default() }));
         let app = Router::new()
             .route("/v1/responses", post(create))
             .route("/v1/responses/{id}/cancel", post(cancel))
             .route("/v1/{*rest}", get(serve))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self { inner, base_url }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base_url = format!("http://{}/v1", listener.local_addr()?);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(Self { inner, base_url })
     }
 
     /// Queue answers for `id`, played in order before the fixture is served.
@@ -137,8 +151,8 @@ impl FakeOpenAi {
 
     /// Sends each response's terminal webhook to the relay at `base` (`http://host:port`),
     /// signed with `secret` like OpenAI does.
-    pub fn send_webhooks_to(&self, base: &str, secret: &str) {
-        self.inner.lock().unwrap().webhook = Some((format!("{base}/webhooks/openai"), Secret::parse(secret).unwrap()));
+    pub fn send_webhooks_to(&self, base: &str, secret: Secret) {
+        self.inner.lock().unwrap().webhook = Some((format!("{base}/webhooks/openai"), secret));
     }
 
     /// How long a created response takes to complete (300 ms unless set).
@@ -183,7 +197,7 @@ fn hex_id(prefix: &str) -> String {
 }
 
 fn now() -> i64 {
-    openai_webhook_relay::inbox::unix_now()
+    crate::inbox::unix_now()
 }
 
 fn error(status: StatusCode, message: &str, param: Option<&str>, code: Option<&str>) -> Response<Body> {
@@ -302,10 +316,6 @@ async fn scripted(answer: Scripted) -> Response<Body> {
     response.body(Body::from(answer.body)).unwrap()
 }
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/openai")
-}
-
 async fn serve(State(inner): State<Arc<Mutex<Inner>>>, Path(rest): Path<String>, headers: HeaderMap) -> Response<Body> {
     let id = rest.rsplit('/').next().unwrap_or_default().to_owned();
     let key = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default().to_owned();
@@ -331,9 +341,9 @@ async fn serve(State(inner): State<Arc<Mutex<Inner>>>, Path(rest): Path<String>,
     if let Some(response) = created {
         return json(StatusCode::OK, response.to_string());
     }
-    match std::fs::read_to_string(fixtures().join(format!("{rest}.json"))) {
-        Ok(body) if !rest.contains("..") => json(StatusCode::OK, body),
-        _ => json(
+    match FIXTURES.iter().find(|(path, _)| *path == rest) {
+        Some((_, body)) => json(StatusCode::OK, (*body).to_owned()),
+        None => json(
             StatusCode::NOT_FOUND,
             format!(r#"{{"error":{{"message":"Response with id '{id}' not found.","type":"invalid_request_error","param":null,"code":null}}}}"#),
         ),
@@ -342,4 +352,29 @@ async fn serve(State(inner): State<Arc<Mutex<Inner>>>, Path(rest): Path<String>,
 
 fn json(status: StatusCode, body: String) -> Response<Body> {
     Response::builder().status(status).header("content-type", "application/json").body(Body::from(body)).unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    /// A fixture added to the directory but not to `FIXTURES` would be a silent 404.
+    #[test]
+    fn every_fixture_file_is_built_in() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/openai");
+        let mut on_disk = Vec::new();
+        let mut pending = vec![root.clone()];
+        while let Some(dir) = pending.pop() {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else if let Some(stem) = path.strip_prefix(&root).unwrap().to_str().and_then(|p| p.strip_suffix(".json")) {
+                    on_disk.push(stem.to_owned());
+                }
+            }
+        }
+        let mut built_in: Vec<String> = super::FIXTURES.iter().map(|(path, _)| (*path).to_owned()).collect();
+        on_disk.sort();
+        built_in.sort();
+        assert_eq!(on_disk, built_in);
+    }
 }
