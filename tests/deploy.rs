@@ -1,11 +1,14 @@
 //! Checks of the files in `deploy/`: they parse, they agree with each other, and they agree
-//! with the relay itself (its `--help` for variable names, `topology` for the queues).
-//! No broker, no Docker, no cluster needed.
+//! with the relay itself (its `--help` for variable names, `topology` for the queues, its
+//! `/metrics` for the alerting rules and the dashboard). No broker, no Docker, no cluster
+//! needed; the Prometheus rules need `promtool`, installed when missing where possible.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
+use openai_webhook_relay::metrics::{Metrics, label};
 use openai_webhook_relay::topology::{Arg, Topology};
 use serde::Deserialize;
 use serde_json::json;
@@ -166,6 +169,8 @@ fn every_yaml_file_under_deploy_parses() {
         "kubernetes/configmap.yaml",
         "kubernetes/secret.example.yaml",
         "kubernetes/kustomization.yaml",
+        "prometheus/alerts.yaml",
+        "prometheus/alerts.test.yaml",
     ] {
         assert!(names.contains(expected), "deploy/{expected} is missing (found {names:?})");
     }
@@ -496,4 +501,296 @@ fn the_cluster_compose_runs_three_nodes_and_two_relays_that_list_every_node() {
     }
     let balancer = read("haproxy/haproxy.cfg");
     assert!(balancer.contains("option httpchk GET /readyz"), "the balancer sends only to ready replicas");
+}
+
+/// Metrics the rules and the dashboard read that the relay does not serve: Prometheus's own
+/// `up` of each scrape target, and the inbox's length from RabbitMQ's prometheus plugin
+/// (per-object metrics), since the relay cannot see how many messages wait in a queue.
+const FOREIGN_METRICS: [&str; 2] = ["up", "rabbitmq_queue_messages_ready"];
+
+/// Every sample name the relay's `/metrics` can carry, from its `# TYPE` lines: a counter's
+/// samples end in `_total`, a histogram's in `_bucket`, `_sum` and `_count`.
+fn exported_metric_names() -> BTreeSet<String> {
+    let metrics = Metrics::default();
+    // prometheus-client leaves a labelled family out of the exposition, `# TYPE` line and all,
+    // until it holds a sample, so each gets one here. A family missing from these lists shows
+    // up below as a metric the relay does not serve.
+    let sample = label("test", "");
+    for family in [
+        &metrics.deliveries,
+        &metrics.verify_failures,
+        &metrics.fetches,
+        &metrics.events_published,
+        &metrics.retries,
+        &metrics.dead_letters,
+        &metrics.settle_failures,
+        &metrics.gateway_requests,
+        &metrics.gateway_posts,
+        &metrics.replies,
+        &metrics.watches,
+    ] {
+        drop(family.get_or_create(&sample));
+    }
+    drop(metrics.broker_node.get_or_create(&sample));
+    drop(metrics.fetch_seconds.get_or_create(&sample));
+    let text = metrics.render();
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        let Some(declaration) = line.strip_prefix("# TYPE ") else { continue };
+        let (family, kind) = declaration.split_once(' ').unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total"],
+            "gauge" => &[""],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            other => panic!("no sample names known for {family} of kind {other}"),
+        };
+        names.extend(suffixes.iter().map(|suffix| format!("{family}{suffix}")));
+    }
+    names
+}
+
+/// Index just past the `close` that ends the bracket opened at `open`, skipping strings.
+fn past_closing(chars: &[char], open: usize, close: char) -> usize {
+    let mut i = open + 1;
+    while i < chars.len() && chars[i] != close {
+        i = if matches!(chars[i], '"' | '\'' | '`') { past_string(chars, i) } else { i + 1 };
+    }
+    assert!(i < chars.len(), "no {close} closes the {} at {open}", chars[open]);
+    i + 1
+}
+
+/// Index just past the string literal that starts at `start`.
+fn past_string(chars: &[char], start: usize) -> usize {
+    let quote = chars[start];
+    let mut i = start + 1;
+    while i < chars.len() && chars[i] != quote {
+        i += if chars[i] == '\\' && quote != '`' { 2 } else { 1 };
+    }
+    assert!(i < chars.len(), "unterminated string at {start}");
+    i + 1
+}
+
+/// The metric names a PromQL expression selects. A misspelled name is no PromQL error, the rule
+/// or panel just never sees data, so names are checked against `/metrics`; promtool has no
+/// command that lists them, hence this small lexer: a name is an identifier where a selector
+/// can stand that is not a function (followed by `(`), an aggregation or a keyword. Label
+/// matchers `{..}`, the label lists of `by`/`on`-style clauses, ranges `[..]`, strings, numbers
+/// and durations are skipped.
+fn promql_metric_names(expr: &str) -> BTreeSet<String> {
+    const KEYWORDS: [&str; 22] = [
+        "and", "or", "unless", "offset", "bool", "atan2", "inf", "nan", "sum", "min", "max", "avg", "group", "stddev",
+        "stdvar", "count", "count_values", "bottomk", "topk", "quantile", "limitk", "limit_ratio",
+    ];
+    const LABEL_LISTS: [&str; 6] = ["by", "without", "on", "ignoring", "group_left", "group_right"];
+    let chars: Vec<char> = expr.chars().collect();
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let mut names = BTreeSet::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        i = match c {
+            '"' | '\'' | '`' => past_string(&chars, i),
+            '{' => past_closing(&chars, i, '}'),
+            '[' => past_closing(&chars, i, ']'),
+            '#' => chars[i..].iter().position(|&c| c == '\n').map_or(chars.len(), |n| i + n),
+            // Numbers and durations: 0.99, 1e3, 0x1f, 15m.
+            _ if c.is_ascii_digit() || c == '.' => i + chars[i..].iter().take_while(|&&c| is_name_char(c) || c == '.').count(),
+            _ if c.is_ascii_alphabetic() || c == '_' || c == ':' => {
+                let end = i + chars[i..].iter().take_while(|&&c| is_name_char(c)).count();
+                let word: String = chars[i..end].iter().collect();
+                let lower = word.to_ascii_lowercase();
+                let next = chars[end..].iter().position(|c| !c.is_whitespace()).map(|n| end + n);
+                let opens = next.is_some_and(|n| chars[n] == '(');
+                match next {
+                    Some(n) if opens && LABEL_LISTS.contains(&lower.as_str()) => past_closing(&chars, n, ')'),
+                    _ if opens || KEYWORDS.contains(&lower.as_str()) || LABEL_LISTS.contains(&lower.as_str()) => end,
+                    _ => {
+                        names.insert(word);
+                        end
+                    }
+                }
+            }
+            _ => i + 1,
+        };
+    }
+    names
+}
+
+/// The alerting rules of `deploy/prometheus/alerts.yaml`.
+fn alert_rules() -> Vec<Yaml> {
+    let rules = yaml("prometheus/alerts.yaml");
+    let groups = at(&rules, &["groups"]).as_sequence().expect("groups");
+    groups.iter().flat_map(|group| at(group, &["rules"]).as_sequence().expect("rules").clone()).collect()
+}
+
+/// Every PromQL expression of `deploy/grafana/`'s dashboard, wherever a panel or row holds it.
+fn dashboard_expressions() -> Vec<String> {
+    fn collect(value: &serde_json::Value, found: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if let Some(expr) = map.get("expr") {
+                    found.push(expr.as_str().expect("a string expr").to_owned());
+                }
+                map.values().for_each(|v| collect(v, found));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| collect(v, found)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    collect(&dashboard(), &mut found);
+    found
+}
+
+fn dashboard() -> serde_json::Value {
+    serde_json::from_str(&read("grafana/openai-webhook-relay.json")).expect("the dashboard is valid JSON")
+}
+
+/// A `promtool` command, or `None` when promtool is missing and `tests/support/services.sh
+/// promtool` cannot install it (no root, no Debian package index): these checks need the real
+/// PromQL parser and rule evaluator, and there is no other in Rust.
+fn promtool() -> Option<Command> {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    let available = *AVAILABLE.get_or_init(|| {
+        let runs = || Command::new("promtool").arg("--version").output().is_ok_and(|o| o.status.success());
+        if !runs() {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/services.sh");
+            // Its output says why when it fails; the check below is what counts.
+            let _ = Command::new("bash").args([script, "promtool"]).status();
+        }
+        runs()
+    });
+    if !available {
+        eprintln!("SKIP: promtool is missing and tests/support/services.sh could not install it (Debian package prometheus)");
+    }
+    available.then(|| Command::new("promtool"))
+}
+
+fn assert_succeeds(mut command: Command) {
+    let output = command.output().expect("promtool runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{command:?} failed:\n{stdout}\n{stderr}");
+}
+
+#[test]
+fn the_promql_name_extractor_finds_every_selector_and_nothing_else() {
+    let expr = r#"histogram_quantile(0.99, sum by (le) (rate(a_bucket{x="}", y=~'{'}[5m])))
+        / ignoring (status) group_left sum without(kind) (b_total offset 15m) > bool 1e3
+        or absent(c) unless on(instance) d # e is a comment
+        and (sum(rate(f[$__rate_interval])) or vector(0)) and Inf > g:recorded"#;
+    let names: Vec<String> = promql_metric_names(expr).into_iter().collect();
+    assert_eq!(names, ["a_bucket", "b_total", "c", "d", "f", "g:recorded"]);
+}
+
+#[test]
+fn every_metric_the_alerts_and_the_dashboard_read_is_one_the_relay_serves() {
+    let exported = exported_metric_names();
+    for name in ["relay_dead_letters_total", "relay_broker_connected", "relay_fetch_seconds_bucket"] {
+        assert!(exported.contains(name), "{name} is missing from {exported:?}");
+    }
+    let mut expressions: Vec<(String, String)> = alert_rules()
+        .iter()
+        .map(|rule| (format!("alert {}", str_at(rule, &["alert"])), str_at(rule, &["expr"]).to_owned()))
+        .collect();
+    expressions.extend(dashboard_expressions().into_iter().map(|expr| ("the dashboard".to_owned(), expr)));
+    // The unit tests' input series must be real metrics too, or they test an alert on nothing.
+    let tests = yaml("prometheus/alerts.test.yaml");
+    for group in at(&tests, &["tests"]).as_sequence().expect("tests") {
+        for series in at(group, &["input_series"]).as_sequence().expect("input_series") {
+            let series = str_at(series, &["series"]);
+            expressions.push(("alerts.test.yaml".to_owned(), series.split('{').next().unwrap().to_owned()));
+        }
+    }
+    let mut unknown = Vec::new();
+    for (place, expr) in &expressions {
+        let names = promql_metric_names(expr);
+        assert!(!names.is_empty(), "{place}: no metric found in {expr}");
+        unknown.extend(
+            names
+                .into_iter()
+                .filter(|name| !exported.contains(name) && !FOREIGN_METRICS.contains(&name.as_str()))
+                .map(|name| format!("{name} ({place})")),
+        );
+    }
+    assert!(unknown.is_empty(), "metrics the relay does not serve: {unknown:?}\nit serves {exported:?}");
+}
+
+#[test]
+fn every_alert_has_a_severity_a_runbook_and_unit_tests_where_it_fires_and_where_it_does_not() {
+    let rules = alert_rules();
+    let tests = yaml("prometheus/alerts.test.yaml");
+    let cases: Vec<&Yaml> = at(&tests, &["tests"])
+        .as_sequence()
+        .expect("tests")
+        .iter()
+        .flat_map(|group| at(group, &["alert_rule_test"]).as_sequence().expect("alert_rule_test"))
+        .collect();
+    let mut names = BTreeSet::new();
+    for rule in &rules {
+        let name = str_at(rule, &["alert"]);
+        assert!(names.insert(name), "{name} is defined twice");
+        assert!(["critical", "warning"].contains(&str_at(rule, &["labels", "severity"])), "{name}: severity");
+        assert!(!str_at(rule, &["annotations", "summary"]).is_empty(), "{name}: summary");
+        assert!(str_at(rule, &["annotations", "description"]).len() > 100, "{name}: a description saying what to do");
+        let fired: Vec<bool> = cases
+            .iter()
+            .filter(|case| str_at(case, &["alertname"]) == name)
+            .map(|case| at(case, &["exp_alerts"]).as_sequence().is_some_and(|alerts| !alerts.is_empty()))
+            .collect();
+        assert!(fired.contains(&true) && fired.contains(&false), "{name}: alerts.test.yaml needs a case where it fires and one where it does not");
+    }
+}
+
+#[test]
+fn the_alerting_rules_pass_promtool_check_and_their_unit_tests() {
+    let Some(mut check) = promtool() else { return };
+    check.arg("check").arg("rules").arg(deploy_dir().join("prometheus/alerts.yaml"));
+    assert_succeeds(check);
+    let mut test = promtool().expect("promtool is available");
+    test.arg("test").arg("rules").arg(deploy_dir().join("prometheus/alerts.test.yaml"));
+    assert_succeeds(test);
+}
+
+#[test]
+fn every_dashboard_expression_is_promql_that_promtool_accepts() {
+    let Some(mut check) = promtool() else { return };
+    // promtool parses PromQL in rule files only: each expression becomes a recording rule,
+    // with Grafana's interval variables replaced by a duration.
+    let rules: Vec<serde_json::Value> = dashboard_expressions()
+        .iter()
+        .enumerate()
+        .map(|(i, expr)| {
+            let expr = ["$__rate_interval", "$__interval", "$__range"].iter().fold(expr.clone(), |e, var| e.replace(var, "5m"));
+            assert!(!expr.contains('$'), "a dashboard variable this test does not replace: {expr}");
+            json!({ "record": format!("dashboard:panel_{i}"), "expr": expr })
+        })
+        .collect();
+    let file = std::env::temp_dir().join(format!("relay-dashboard-rules-{}.json", std::process::id()));
+    std::fs::write(&file, json!({ "groups": [{ "name": "dashboard", "rules": rules }] }).to_string()).expect("temporary rule file");
+    check.arg("check").arg("rules").arg(&file);
+    let output = check.output().expect("promtool runs");
+    std::fs::remove_file(&file).ok();
+    assert!(output.status.success(), "{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+}
+
+#[test]
+fn the_dashboard_reads_from_a_prometheus_datasource_chosen_on_import() {
+    let dashboard = dashboard();
+    let variables = dashboard["templating"]["list"].as_array().expect("templating variables");
+    let datasource = variables.iter().find(|v| v["name"] == "datasource").expect("a datasource variable");
+    assert_eq!((&datasource["type"], &datasource["query"]), (&json!("datasource"), &json!("prometheus")));
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut ids = BTreeSet::new();
+    for panel in panels {
+        assert!(ids.insert(panel["id"].as_u64().expect("a panel id")), "panel id {} twice", panel["id"]);
+        if panel["type"] == "row" {
+            continue;
+        }
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {} has no query", panel["title"]);
+        for source in std::iter::once(&panel["datasource"]).chain(targets.iter().map(|t| &t["datasource"])) {
+            assert_eq!(source["uid"], "${datasource}", "panel {} queries a fixed datasource", panel["title"]);
+        }
+    }
 }
