@@ -91,7 +91,8 @@ pub(crate) enum Disposition {
     Busy,
     Retry(Failure),
     Dead(Failure),
-    /// The broker could not take the event (not connected, not confirmed in time): park it
+    /// The broker could not take the event (not connected, blocked by a resource alarm, not
+    /// confirmed in time): park it
     /// without using an attempt, since nothing about the event itself failed.
     BrokerUnavailable(PublishError),
 }
@@ -370,7 +371,7 @@ pub(crate) fn publish_failed(e: PublishError) -> Disposition {
         // Refused for this message (a consumer's full queue, a channel error): counts as
         // an attempt, so a message the broker never takes ends in the dead-letter queue.
         PublishError::Nacked | PublishError::Channel(_) => Disposition::Retry(failure(None, "broker_refused", e.to_string(), None)),
-        PublishError::NotConnected | PublishError::Timeout(_) => Disposition::BrokerUnavailable(e),
+        PublishError::NotConnected | PublishError::Timeout(_) | PublishError::Blocked(_) => Disposition::BrokerUnavailable(e),
     }
 }
 

@@ -22,6 +22,7 @@ mod deliveries;
 #[path = "../support/services.rs"]
 mod services;
 
+mod alarm;
 mod failover;
 mod smoke;
 mod teardown;
