@@ -39,7 +39,7 @@ use crate::fetch::{ApiClient, Fetched};
 use crate::inbox::{HEADER_ATTEMPTS, HEADER_PROJECT, HEADER_TRACEPARENT, header, int_header};
 use crate::metrics::{InFlight, Metrics, label};
 use crate::normalize::{Enrichment, normalize};
-use crate::publish::EventPublisher;
+use crate::publish::{Context, EventPublisher};
 use crate::topology::Topology;
 use crate::verify::HEADER_ID;
 
@@ -261,7 +261,12 @@ impl Worker {
             (Some((ObjectKind::Response, Fetched::Object(object))), Some(id)) if reply::is_terminal(&envelope.kind) => reply::Origin::of(object).map(|o| (id, o)),
             _ => None,
         };
-        let publish = async |reply: Option<&reply::ReplyTo>| match self.publisher.publish(envelope, webhook_id, project, traceparent, &cloud_event, reply).await {
+        let object = match &fetched {
+            Some((_, Fetched::Object(object))) => Some(&**object),
+            _ => None,
+        };
+        let context = Context { webhook_id, project, traceparent, object };
+        let publish = async |reply: Option<&reply::ReplyTo>| match self.publisher.publish(envelope, context, &cloud_event, reply).await {
             Ok(()) => {
                 self.metrics.events_published.get_or_create(&label("enrichment", how)).inc();
                 tracing::info!(enrichment = how, "event published");

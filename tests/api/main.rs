@@ -24,3 +24,4 @@ mod consumers;
 mod durability;
 mod migration;
 mod gateway;
+mod metadata;
