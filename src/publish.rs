@@ -9,6 +9,8 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::value::RawValue;
@@ -30,6 +32,8 @@ pub struct EventPublisher {
     broker: Broker,
     exchange: Arc<str>,
     metrics: Arc<Metrics>,
+    /// `expiration` of an incoming call's event (`RELAY_REALTIME_EXPIRATION_MS`).
+    realtime_expiration: Duration,
 }
 
 /// What an event's message carries besides the CloudEvent; all of it optional.
@@ -44,15 +48,23 @@ pub struct Context<'a> {
 }
 
 impl EventPublisher {
-    pub fn new(broker: Broker, exchange: &str, metrics: Arc<Metrics>) -> Self {
-        Self { broker, exchange: exchange.into(), metrics }
+    pub fn new(broker: Broker, exchange: &str, metrics: Arc<Metrics>, realtime_expiration: Duration) -> Self {
+        Self { broker, exchange: exchange.into(), metrics, realtime_expiration }
     }
 
     /// Publishes `cloud_event` (the output of `normalize`) and waits for the broker's confirm;
     /// with `reply` (a terminal event of a gateway response), also a copy to the request's
     /// reply queue, which is then enough for an event no exchange binding takes.
+    ///
+    /// An incoming call's event expires after `realtime_expiration` in every queue, whichever
+    /// path it took (the receiver's direct publish or the worker): a call is answered within
+    /// seconds or not at all, and a consumer that was down should not pick up a ringing that
+    /// ended long ago.
     pub async fn publish(&self, envelope: &Envelope, context: Context<'_>, cloud_event: &[u8], reply: Option<&ReplyTo>) -> Result<(), PublishError> {
-        let properties = properties(envelope, context);
+        let mut properties = properties(envelope, context);
+        if envelope.is_incoming_call() {
+            properties = properties.with_expiration(self.realtime_expiration.as_millis().to_string().into());
+        }
         let message = Outgoing { exchange: &self.exchange, routing_key: &envelope.kind, body: cloud_event, properties: properties.clone() };
         let result = self.broker.publish(message, &self.metrics.publish_confirm_seconds).await;
         if matches!(result, Err(PublishError::Unroutable(_))) {

@@ -25,3 +25,4 @@ mod durability;
 mod migration;
 mod gateway;
 mod metadata;
+mod calls;

@@ -228,6 +228,7 @@ fn check_message(docs: &Docs, messages: &BTreeMap<String, Value>, validators: &B
             "type" => json!(p.kind().as_ref().map(|s| s.as_str())),
             "timestamp" => json!(p.timestamp()),
             "routing_key" => json!(delivery.routing_key.as_str()),
+            "expiration" => json!(p.expiration().as_ref().map(|s| s.as_str())),
             other => panic!("asyncapi.yaml documents an AMQP property this test does not know: {other}"),
         };
         assert_eq!(actual, expected_value(spec, &cloud_event, &headers), "{kind}: AMQP property {name}");
