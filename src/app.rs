@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::fetch::ApiClient;
-use crate::http::{AppState, ConnectionLimits, router, serve};
+use crate::http::{AppState, ConnectionLimits, ReceiverProject, router, serve};
 use crate::inbox::Inbox;
 use crate::metrics::Metrics;
 use crate::publish::EventPublisher;
@@ -56,14 +56,18 @@ impl App {
             broker: broker.clone(),
             metrics: metrics.clone(),
             draining: draining.clone(),
-            verifiers: Arc::new(
+            projects: Arc::new(
                 config
                     .projects
                     .iter()
-                    .map(|p| (p.name.clone(), Verifier::new(p.secrets.clone(), args.tolerance_secs)))
+                    .map(|p| {
+                        let project = ReceiverProject { verifier: Verifier::new(p.secrets.clone(), args.tolerance_secs), source: p.source(&args.event_source) };
+                        (p.name.clone(), project)
+                    })
                     .collect(),
             ),
             inbox: Inbox::new(broker.clone(), &topology.inbox, metrics.clone()),
+            publisher: event_publisher(&config, broker.clone(), metrics.clone()),
             body_limit: args.body_limit_bytes,
             body_timeout: header_timeout,
             in_flight: Arc::new(Semaphore::new(args.max_in_flight)),
@@ -140,6 +144,10 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+fn event_publisher(config: &Config, broker: Broker, metrics: Arc<Metrics>) -> EventPublisher {
+    EventPublisher::new(broker, &config.args.exchange, metrics, config.realtime_expiration())
+}
+
 /// The worker role: an API client, the publisher, dedup (Redis when configured) and each
 /// project's key and CloudEvent source.
 fn worker(config: &Config, broker: Broker, metrics: Arc<Metrics>) -> anyhow::Result<Worker> {
@@ -167,7 +175,7 @@ fn worker(config: &Config, broker: Broker, metrics: Arc<Metrics>) -> anyhow::Res
         .collect();
     Ok(Worker {
         api: ApiClient::new(args.openai_base_url.parse().context("OPENAI_BASE_URL")?, fetch_timeout, args.max_object_bytes, metrics.clone()),
-        publisher: EventPublisher::new(broker.clone(), &topology.exchange, metrics.clone()),
+        publisher: event_publisher(config, broker.clone(), metrics.clone()),
         broker,
         metrics,
         dedup,

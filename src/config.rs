@@ -165,6 +165,10 @@ pub struct ServeArgs {
     /// Most `webhook-id`s remembered at once (bounds the memory of duplicate detection).
     #[arg(long, env = "RELAY_DEDUP_CAPACITY", default_value_t = 100_000)]
     pub dedup_capacity: usize,
+    /// Milliseconds an incoming call's event (`realtime.call.incoming`, published by the
+    /// receiver at once) stays in a consumer's queue before it expires unread.
+    #[arg(long, env = "RELAY_REALTIME_EXPIRATION_MS", default_value_t = 30_000)]
+    pub realtime_expiration_ms: u64,
     /// CloudEvent `source` attribute.
     #[arg(long, env = "RELAY_EVENT_SOURCE", default_value = "openai")]
     pub event_source: String,
@@ -284,9 +288,10 @@ impl ServeArgs {
 
     /// Settings where 0 starts a process that fails every delivery while `/readyz` says 200
     /// (every request 503 or 413, every fetch timed out, connections closed at once, all
-    /// retries spent within a second, duplicates never caught): refused at start instead.
+    /// retries spent within a second, duplicates never caught, every call expired unread):
+    /// refused at start instead.
     fn check_non_zero(&self) -> Result<(), ConfigError> {
-        let values: [(&str, u64); 9] = [
+        let values: [(&str, u64); 10] = [
             ("RELAY_MAX_IN_FLIGHT", self.max_in_flight as u64),
             ("RELAY_CONFIRM_TIMEOUT_MS", self.confirm_timeout_ms),
             ("RELAY_BODY_LIMIT_BYTES", self.body_limit_bytes as u64),
@@ -296,6 +301,8 @@ impl ServeArgs {
             ("RELAY_RETRY_INITIAL_DELAY_MS", self.retry_initial_delay_ms),
             ("RELAY_DEDUP_WINDOW_SECS", self.dedup_window_secs),
             ("RELAY_DEDUP_CAPACITY", self.dedup_capacity as u64),
+            // Every call event would expire before any consumer saw it.
+            ("RELAY_REALTIME_EXPIRATION_MS", self.realtime_expiration_ms),
         ];
         if let Some((name, _)) = values.iter().find(|(_, value)| *value == 0) {
             return Err(ConfigError::Invalid((*name).into(), "must be at least 1".into()));
@@ -329,6 +336,10 @@ impl Config {
 
     pub fn confirm_timeout(&self) -> Duration {
         Duration::from_millis(self.args.confirm_timeout_ms)
+    }
+
+    pub fn realtime_expiration(&self) -> Duration {
+        Duration::from_millis(self.args.realtime_expiration_ms)
     }
 }
 
@@ -410,6 +421,7 @@ mod tests {
             ("--retry-initial-delay-ms", "0", "RELAY_RETRY_INITIAL_DELAY_MS"),
             ("--dedup-window-secs", "0", "RELAY_DEDUP_WINDOW_SECS"),
             ("--dedup-capacity", "0", "RELAY_DEDUP_CAPACITY"),
+            ("--realtime-expiration-ms", "0", "RELAY_REALTIME_EXPIRATION_MS"),
             // Below the default initial delay (1000 ms).
             ("--retry-max-delay-ms", "999", "RELAY_RETRY_MAX_DELAY_MS"),
         ];

@@ -66,6 +66,14 @@ impl Envelope {
         ["id", "call_id", "session_id"].iter().find_map(|key| data.get(*key)?.as_str())
     }
 
+    /// An incoming SIP call (`realtime.call.incoming`, and `live.call.incoming`, which names
+    /// the same pending call by its session id): it rings until someone accepts it within
+    /// seconds and has nothing to fetch, so the receiver publishes it at once instead of
+    /// queueing it behind the inbox's backlog.
+    pub fn is_incoming_call(&self) -> bool {
+        matches!(self.kind.as_str(), "realtime.call.incoming" | "live.call.incoming")
+    }
+
     /// The API object to fetch for this event, if there is one we can fetch by id alone.
     /// `eval.run.*` is absent on purpose: a run is only addressable with its eval id, which
     /// the event does not carry.
@@ -158,6 +166,15 @@ mod tests {
         let e = Envelope::parse(br#"{"id":"evt_1","type":"realtime.call.incoming","created_at":1,"data":{"call_id":"rtc_1","sip_headers":[]}}"#).unwrap();
         assert_eq!(e.subject(), Some("rtc_1"));
         assert_eq!(e.target(), None);
+    }
+
+    #[test]
+    fn only_incoming_calls_skip_the_inbox() {
+        let kind = |kind: &str| Envelope::parse(format!(r#"{{"id":"evt_1","type":"{kind}","created_at":1}}"#).as_bytes()).unwrap().is_incoming_call();
+        assert!(kind("realtime.call.incoming") && kind("live.call.incoming"));
+        for other in ["realtime.call.ended", "response.completed", "eval.run.canceled", "safety_identifier.blocked", "something.new"] {
+            assert!(!kind(other), "{other}");
+        }
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct Metrics {
     pub inbox_store_seconds: Histogram,
     /// 1 while a broker connection with declared topology is up.
     pub broker_connected: Gauge,
+    /// 1 while the broker blocks the relay's publishing (`connection.blocked`: a memory or
+    /// disk alarm somewhere in the cluster).
+    pub broker_blocked: Gauge,
     /// Broker connections established (the first one included).
     pub broker_connects: Counter,
     /// 1 for the broker node (`host:port`) the relay is connected to, 0 for the ones it was.
@@ -91,6 +94,7 @@ impl Default for Metrics {
             verify_failures: Family::default(),
             inbox_store_seconds: latency(),
             broker_connected: Gauge::default(),
+            broker_blocked: Gauge::default(),
             broker_connects: Counter::default(),
             broker_node: Family::default(),
             requests_in_flight: Gauge::default(),
@@ -119,6 +123,7 @@ impl Default for Metrics {
         r.register("verify_failures", "Verification failures by reason", m.verify_failures.clone());
         r.register("inbox_store_seconds", "Inbox publish-to-confirm latency", m.inbox_store_seconds.clone());
         r.register("broker_connected", "1 while the broker connection is up", m.broker_connected.clone());
+        r.register("broker_blocked", "1 while the broker blocks publishing (resource alarm)", m.broker_blocked.clone());
         r.register("broker_connects", "Broker connections established", m.broker_connects.clone());
         r.register("broker_node", "1 for the broker node the relay is connected to", m.broker_node.clone());
         r.register("requests_in_flight", "Webhook requests in flight", m.requests_in_flight.clone());

@@ -131,5 +131,34 @@ pub fn output_text(response: &RawValue) -> Option<String> {
     (!parts.is_empty()).then(|| parts.concat())
 }
 
+/// OpenAI's limits on an object's `metadata`: 16 pairs, keys up to 64 and values up to 512
+/// characters.
+const METADATA_PAIRS: usize = 16;
+const METADATA_KEY_CHARS: usize = 64;
+const METADATA_VALUE_CHARS: usize = 512;
+
+/// The string pairs of a fetched object's `metadata`, which the published message carries as
+/// headers. Pairs outside OpenAI's limits (a non-string value, an over-long key or value, a
+/// 17th pair) are left out rather than trusted: a header name is an AMQP short string, on
+/// which lapin panics past 255 bytes, and all headers must fit one frame of the broker's
+/// `frame_max`, or it closes the channel; within the limits they take at most about 9 KiB.
+pub fn metadata(object: &RawValue) -> Vec<(String, String)> {
+    #[derive(Deserialize)]
+    struct Object {
+        #[serde(default)]
+        metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    }
+    let Ok(Object { metadata: Some(metadata) }) = serde_json::from_str(object.get()) else { return Vec::new() };
+    metadata
+        .into_iter()
+        .filter_map(|(key, value)| match value {
+            serde_json::Value::String(value) => Some((key, value)),
+            _ => None,
+        })
+        .filter(|(key, value)| !key.is_empty() && key.chars().count() <= METADATA_KEY_CHARS && value.chars().count() <= METADATA_VALUE_CHARS)
+        .take(METADATA_PAIRS)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests;

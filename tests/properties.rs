@@ -452,7 +452,7 @@ proptest! {
             prop_assert_eq!(envelope.created_at, created_at);
             let subject = data.as_ref().and_then(|d| d.get("id")).and_then(Value::as_str);
             prop_assert_eq!(envelope.subject(), subject);
-            let _ = publish::properties(&envelope, Some("wh_1"), None, None);
+            let _ = publish::properties(&envelope, publish::Context { webhook_id: Some("wh_1"), ..Default::default() });
         }
     }
 }

@@ -52,6 +52,13 @@ pub struct Link {
     publisher: Arc<Publisher>,
     /// Cancelled by whoever sees this link fail; the supervisor then replaces it.
     broken: CancellationToken,
+    /// The broker's reason while it blocks this connection's publishes (a memory or disk
+    /// alarm), set by the supervisor from `connection.blocked` / `connection.unblocked`. A
+    /// watch rather than lapin's status flag so that a publish already waiting for its
+    /// confirm learns of the block at once: a blocked connection sends nothing, and the
+    /// confirm would only come, if at all, after the alarm clears. Per link, so a new
+    /// connection starts unblocked.
+    blocked: Arc<watch::Sender<Option<String>>>,
 }
 
 /// The one publishing channel of a link, replaced on its own when the broker refuses a
@@ -111,6 +118,8 @@ pub enum PublishError {
     Unroutable(String),
     #[error("broker did not confirm within {0:?}")]
     Timeout(Duration),
+    #[error("broker blocks publishing: {0}")]
+    Blocked(String),
 }
 
 /// A message to publish: where to, and what.
@@ -152,6 +161,13 @@ impl Broker {
         self.link.borrow().is_some()
     }
 
+    /// The broker's reason while it blocks publishing on the current link (a resource
+    /// alarm): every publish fails at once meanwhile, so readiness reports it too and the
+    /// load balancer sends deliveries to a relay whose broker takes them.
+    pub fn blocked(&self) -> Option<String> {
+        self.link.borrow().as_ref()?.blocked.borrow().clone()
+    }
+
     /// Follows link changes: consumers re-attach whenever a new link appears.
     pub fn subscribe(&self) -> watch::Receiver<Option<Link>> {
         self.link.clone()
@@ -190,7 +206,10 @@ impl Broker {
     /// 3.10: once a quorum queue rejects a publish, the channel keeps getting nacks even after
     /// the queue has room again); a lost connection reports the link broken. A timeout does
     /// neither, because a broker under a resource alarm blocks publishers without any error
-    /// and a new channel would be blocked as well.
+    /// and a new channel would be blocked as well. While the broker has announced a block
+    /// (`connection.blocked`), a publish fails at once, and one already waiting for its
+    /// confirm stops waiting: the caller answers 503 or parks the message instead of holding
+    /// a request for the whole confirm timeout.
     pub async fn publish(&self, message: Outgoing<'_>, latency: &Histogram) -> Result<(), PublishError> {
         self.send(message, latency, true).await
     }
@@ -204,15 +223,23 @@ impl Broker {
 
     async fn send(&self, message: Outgoing<'_>, latency: &Histogram, mandatory: bool) -> Result<(), PublishError> {
         let link = self.link().ok_or(PublishError::NotConnected)?;
+        let mut blocked = link.blocked.subscribe();
+        if let Some(reason) = blocked.borrow_and_update().clone() {
+            return Err(PublishError::Blocked(reason));
+        }
         let channel = link.channel();
         let started = Instant::now();
         let options = BasicPublishOptions { mandatory, ..Default::default() };
         let verdict = channel.publish(message.exchange, message.routing_key, options, message.body, message.properties);
-        let verdict = match tokio::time::timeout(self.confirm_timeout, verdict).await {
-            Err(_) => return Err(PublishError::Timeout(self.confirm_timeout)),
-            // The channel's collector is gone: nobody knows what became of the message.
-            Ok(Err(_)) => return Err(PublishError::NotConnected),
-            Ok(Ok(verdict)) => verdict,
+        let block = async move { blocked.wait_for(Option::is_some).await.map(|reason| reason.clone().unwrap_or_default()) };
+        let verdict = tokio::select! {
+            confirmed = tokio::time::timeout(self.confirm_timeout, verdict) => match confirmed {
+                Err(_) => return Err(PublishError::Timeout(self.confirm_timeout)),
+                // The channel's collector is gone: nobody knows what became of the message.
+                Ok(Err(_)) => return Err(PublishError::NotConnected),
+                Ok(Ok(verdict)) => verdict,
+            },
+            Ok(reason) = block => return Err(PublishError::Blocked(reason)),
         };
         if !matches!(verdict, Verdict::Failed(_)) {
             latency.observe(started.elapsed().as_secs_f64());
@@ -294,6 +321,7 @@ async fn supervise(target: Target, state: watch::Sender<Option<Link>>, metrics: 
         metrics.queues_outdated.set(outdated.len() as i64);
         metrics.broker_connects.inc();
         metrics.broker_connected.set(1);
+        metrics.broker_blocked.set(i64::from(link.blocked.borrow().is_some()));
         metrics.broker_node.get_or_create(&label("node", node.as_str())).set(1);
         state.send_replace(Some(link.clone()));
 
@@ -309,8 +337,16 @@ async fn supervise(target: Target, state: watch::Sender<Option<Link>>, metrics: 
                         tracing::debug!(%error, "a channel was closed by the broker");
                     }
                     Some(Event::Error(error)) => break format!("connection error: {error}"),
-                    Some(Event::ConnectionBlocked(why)) => tracing::warn!(reason = %why, "broker blocked publishing"),
-                    Some(Event::ConnectionUnblocked) => tracing::info!("broker unblocked publishing"),
+                    Some(Event::ConnectionBlocked(why)) => {
+                        tracing::warn!(%node, reason = %why, "broker blocked publishing (resource alarm): deliveries get 503 and /readyz 503 until it unblocks");
+                        metrics.broker_blocked.set(1);
+                        link.blocked.send_replace(Some(why));
+                    }
+                    Some(Event::ConnectionUnblocked) => {
+                        tracing::info!(%node, "broker unblocked publishing");
+                        metrics.broker_blocked.set(0);
+                        link.blocked.send_replace(None);
+                    }
                     Some(_) => {}
                     None => break "connection event stream ended".to_owned(),
                 },
@@ -332,6 +368,8 @@ async fn supervise(target: Target, state: watch::Sender<Option<Link>>, metrics: 
         };
         state.send_replace(None);
         metrics.broker_connected.set(0);
+        // The block was this connection's; the next one starts unblocked.
+        metrics.broker_blocked.set(0);
         metrics.broker_node.get_or_create(&label("node", node.as_str())).set(0);
         // A node that dropped us may be going down: the next connection goes to another.
         next += 1;
@@ -359,10 +397,13 @@ async fn connect(uri: &AMQPUri, target: &Target) -> lapin::Result<(Link, EventSt
     let events: EventStream = Box::pin(connection.events_listener());
     let declared = migrate::declare(&connection, &target.topology).await?;
     let channel = open_publisher(&connection).await?;
+    // A block announced before the event listener existed shows only in lapin's status.
+    let blocked = connection.status().blocked().then(|| "blocked when the connection opened".to_owned());
     let link = Link {
         connection: Arc::new(connection),
         publisher: Arc::new(Publisher { channel: RwLock::new(channel), replacing: tokio::sync::Mutex::new(()) }),
         broken: CancellationToken::new(),
+        blocked: Arc::new(watch::Sender::new(blocked)),
     };
     Ok((link, events, declared))
 }

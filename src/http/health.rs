@@ -13,15 +13,18 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// 200 only while the broker link is up and the relay is not shutting down, so a load
-/// balancer stops sending before deliveries would be refused.
+/// 200 only while the broker link is up, the broker takes publishes (no resource alarm) and
+/// the relay is not shutting down, so a load balancer stops sending before deliveries would
+/// be refused.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
     if state.draining.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
-    } else if state.broker.is_ready() {
-        (StatusCode::OK, "ready")
-    } else {
+    } else if !state.broker.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "broker not connected")
+    } else if state.broker.blocked().is_some() {
+        (StatusCode::SERVICE_UNAVAILABLE, "broker blocks publishing (resource alarm)")
+    } else {
+        (StatusCode::OK, "ready")
     }
 }
 

@@ -22,6 +22,7 @@ pub use serve::{ConnectionLimits, serve};
 use crate::broker::Broker;
 use crate::inbox::Inbox;
 use crate::metrics::Metrics;
+use crate::publish::EventPublisher;
 use crate::verify::Verifier;
 
 /// Cheap handles shared by all handlers.
@@ -31,13 +32,22 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Cancelled when a stop signal arrived: readiness turns 503.
     pub draining: CancellationToken,
-    /// Verifiers by project name (`None`: the default project).
-    pub verifiers: Arc<HashMap<Option<String>, Verifier>>,
+    /// Projects by name (`None`: the default project).
+    pub projects: Arc<HashMap<Option<String>, ReceiverProject>>,
     pub inbox: Inbox,
+    /// For incoming calls, published without going through the inbox.
+    pub publisher: EventPublisher,
     pub body_limit: usize,
     /// Time a client has to send a webhook body once its head arrived.
     pub body_timeout: Duration,
     pub in_flight: Arc<Semaphore>,
+}
+
+/// What the receiver needs of one OpenAI project.
+pub struct ReceiverProject {
+    pub verifier: Verifier,
+    /// The CloudEvent `source` of the events it publishes itself (incoming calls).
+    pub source: String,
 }
 
 /// Routes. The webhook route exists only when this process runs the receiver role.

@@ -1,5 +1,5 @@
 //! `POST /webhooks/openai`: read the body, verify, check it is an event, store it in the
-//! inbox, then 200.
+//! inbox (an incoming call: publish it to the exchange), then 200.
 //!
 //! The 200 goes out only after the broker confirmed the stored copy: from then on OpenAI
 //! stops retrying, so an acknowledged event must already be durable.
@@ -17,9 +17,13 @@ use std::time::Duration;
 
 use super::AppState;
 use super::error::ApiError;
-use crate::envelope::Envelope;
+use crate::broker::PublishError;
+use crate::envelope::{self, Envelope};
 use crate::inbox::{HEADER_TRACEPARENT, unix_now};
 use crate::metrics::{InFlight, label};
+use crate::normalize::{Enrichment, normalize};
+use crate::publish::Context;
+use crate::verify::Verified;
 
 /// `POST /webhooks/openai`: the default project.
 pub async fn receive(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -62,8 +66,8 @@ async fn handle(
     let body = read_body(body, state.body_limit, state.body_timeout).await?;
 
     // A delivery signed for one project verifies only on that project's path.
-    let verifier = state.verifiers.get(&project).ok_or(ApiError::UnknownProject)?;
-    let verified = verifier.verify(headers, body, unix_now())?;
+    let settings = state.projects.get(&project).ok_or(ApiError::UnknownProject)?;
+    let verified = settings.verifier.verify(headers, body, unix_now())?;
     let span = Span::current();
     span.record("webhook_id", verified.id());
     let envelope = Envelope::parse(verified.body())?;
@@ -74,9 +78,43 @@ async fn handle(
     }
 
     let traceparent = headers.get(HEADER_TRACEPARENT).and_then(|v| v.to_str().ok());
+    let context = Context { webhook_id: Some(verified.id()), project: project.as_deref(), traceparent, object: None };
+    if envelope.is_incoming_call() && publish_call(state, &settings.source, &verified, &envelope, context).await? {
+        tracing::info!("incoming call published");
+        return Ok(Json(Stored { status: "published", webhook_id: verified.id().to_owned() }));
+    }
     state.inbox.store(&verified, project.as_deref(), traceparent).await?;
     tracing::info!("delivery stored in the inbox");
     Ok(Json(Stored { status: "stored", webhook_id: verified.id().to_owned() }))
+}
+
+/// Publishes an incoming call to the exchange at once, as the worker would publish it
+/// (nothing to fetch: the event alone), so that no inbox backlog delays a ringing call.
+/// `Ok(true)`: published and confirmed; `Ok(false)`: store it in the inbox instead.
+///
+/// When the exchange does not take it (returned for want of a bound queue, refused by a
+/// queue, the channel failed, or it cannot be made into a CloudEvent), the delivery goes to
+/// the inbox like any other: the worker then publishes it when it can and dead-letters it
+/// with the reason when it cannot, which is visible and replayable in `<inbox>.dead`, where
+/// a 503 would only make OpenAI retry for 72 hours with no trace in RabbitMQ; and a
+/// consumer briefly without its binding gets the call from the worker's first retry,
+/// sooner than from OpenAI's. When the broker itself is unavailable (not connected,
+/// blocking publishes, no confirm in time) the inbox on the same broker would fare no
+/// better: 503, and OpenAI retries.
+async fn publish_call(state: &AppState, source: &str, verified: &Verified, envelope: &Envelope, context: Context<'_>) -> Result<bool, PublishError> {
+    let cloud_event = envelope::raw(verified.body()).ok().and_then(|raw| normalize(envelope, raw, source, Enrichment::None).ok());
+    let Some(cloud_event) = cloud_event else { return Ok(false) };
+    match state.publisher.publish(envelope, context, &cloud_event, None).await {
+        Ok(()) => {
+            state.metrics.events_published.get_or_create(&label("enrichment", "event_only")).inc();
+            Ok(true)
+        }
+        Err(error @ (PublishError::Unroutable(_) | PublishError::Nacked | PublishError::Channel(_))) => {
+            tracing::warn!(error.message = %error, "the exchange did not take the incoming call; storing it in the inbox");
+            Ok(false)
+        }
+        Err(error @ (PublishError::NotConnected | PublishError::Timeout(_) | PublishError::Blocked(_))) => Err(error),
+    }
 }
 
 /// Reads the whole body, refusing it once it passes `limit` (at once when its declared length

@@ -338,3 +338,21 @@ fn the_documented_example_event_is_exactly_what_normalize_produces() {
     }
     assert_eq!(parse(&out), fixture(EXAMPLE));
 }
+
+#[test]
+fn metadata_keeps_the_string_pairs_within_openais_limits() {
+    let raw = |text: &str| RawValue::from_string(text.to_owned()).unwrap();
+    let completed = metadata(&raw(object::RESP_COMPLETED));
+    assert_eq!(completed, [("job".to_owned(), "umbrella-check".to_owned()), ("tenant".to_owned(), "acme".to_owned())]);
+
+    let long_key = "k".repeat(65);
+    let long_value = "v".repeat(513);
+    let body = json!({"metadata": {"n": 1, "null": null, "nested": {"a": "b"}, long_key: "x", "long": long_value, "é": "ü", "ok": ""}});
+    assert_eq!(metadata(&raw(&body.to_string())), [("ok".to_owned(), String::new()), ("é".to_owned(), "ü".to_owned())]);
+
+    let many: serde_json::Map<String, Value> = (0..20).map(|i| (format!("k{i:02}"), json!("v"))).collect();
+    assert_eq!(metadata(&raw(&json!({"metadata": many}).to_string())).len(), 16);
+    for absent in [r#"{"id":"x"}"#, r#"{"metadata":null}"#, r#"{"metadata":[1]}"#, "[]"] {
+        assert!(metadata(&raw(absent)).is_empty(), "{absent}");
+    }
+}

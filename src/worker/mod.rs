@@ -39,7 +39,7 @@ use crate::fetch::{ApiClient, Fetched};
 use crate::inbox::{HEADER_ATTEMPTS, HEADER_PROJECT, HEADER_TRACEPARENT, header, int_header};
 use crate::metrics::{InFlight, Metrics, label};
 use crate::normalize::{Enrichment, normalize};
-use crate::publish::EventPublisher;
+use crate::publish::{Context, EventPublisher};
 use crate::topology::Topology;
 use crate::verify::HEADER_ID;
 
@@ -91,7 +91,8 @@ pub(crate) enum Disposition {
     Busy,
     Retry(Failure),
     Dead(Failure),
-    /// The broker could not take the event (not connected, not confirmed in time): park it
+    /// The broker could not take the event (not connected, blocked by a resource alarm, not
+    /// confirmed in time): park it
     /// without using an attempt, since nothing about the event itself failed.
     BrokerUnavailable(PublishError),
 }
@@ -260,7 +261,12 @@ impl Worker {
             (Some((ObjectKind::Response, Fetched::Object(object))), Some(id)) if reply::is_terminal(&envelope.kind) => reply::Origin::of(object).map(|o| (id, o)),
             _ => None,
         };
-        let publish = async |reply: Option<&reply::ReplyTo>| match self.publisher.publish(envelope, webhook_id, project, traceparent, &cloud_event, reply).await {
+        let object = match &fetched {
+            Some((_, Fetched::Object(object))) => Some(&**object),
+            _ => None,
+        };
+        let context = Context { webhook_id, project, traceparent, object };
+        let publish = async |reply: Option<&reply::ReplyTo>| match self.publisher.publish(envelope, context, &cloud_event, reply).await {
             Ok(()) => {
                 self.metrics.events_published.get_or_create(&label("enrichment", how)).inc();
                 tracing::info!(enrichment = how, "event published");
@@ -370,7 +376,7 @@ pub(crate) fn publish_failed(e: PublishError) -> Disposition {
         // Refused for this message (a consumer's full queue, a channel error): counts as
         // an attempt, so a message the broker never takes ends in the dead-letter queue.
         PublishError::Nacked | PublishError::Channel(_) => Disposition::Retry(failure(None, "broker_refused", e.to_string(), None)),
-        PublishError::NotConnected | PublishError::Timeout(_) => Disposition::BrokerUnavailable(e),
+        PublishError::NotConnected | PublishError::Timeout(_) | PublishError::Blocked(_) => Disposition::BrokerUnavailable(e),
     }
 }
 

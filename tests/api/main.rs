@@ -24,3 +24,5 @@ mod consumers;
 mod durability;
 mod migration;
 mod gateway;
+mod metadata;
+mod calls;

@@ -20,6 +20,7 @@ mod deliveries;
 #[path = "../support/services.rs"]
 mod services;
 
+mod alarm;
 mod dev;
 mod failover;
 mod smoke;

@@ -164,7 +164,7 @@ fn after_verify(verified: &Verified) {
         if let Err(e) = envelope::raw(body) {
             panic!("an accepted envelope is not embeddable JSON ({e}): {:?}", String::from_utf8_lossy(body));
         }
-        let _ = publish::properties(&envelope, Some(verified.id()), None, None);
+        let _ = publish::properties(&envelope, publish::Context { webhook_id: Some(verified.id()), ..Default::default() });
     }
 }
 
