@@ -167,8 +167,9 @@ pub struct ServeArgs {
     pub dedup_capacity: usize,
     /// Milliseconds an incoming call's event (`realtime.call.incoming`, published by the
     /// receiver at once) stays in a consumer's queue before it expires unread.
+    /// At most 4294967295: RabbitMQ closes the channel on a larger `expiration`.
     #[arg(long, env = "RELAY_REALTIME_EXPIRATION_MS", default_value_t = 30_000)]
-    pub realtime_expiration_ms: u64,
+    pub realtime_expiration_ms: u32,
     /// CloudEvent `source` attribute.
     #[arg(long, env = "RELAY_EVENT_SOURCE", default_value = "openai")]
     pub event_source: String,
@@ -302,7 +303,7 @@ impl ServeArgs {
             ("RELAY_DEDUP_WINDOW_SECS", self.dedup_window_secs),
             ("RELAY_DEDUP_CAPACITY", self.dedup_capacity as u64),
             // Every call event would expire before any consumer saw it.
-            ("RELAY_REALTIME_EXPIRATION_MS", self.realtime_expiration_ms),
+            ("RELAY_REALTIME_EXPIRATION_MS", u64::from(self.realtime_expiration_ms)),
         ];
         if let Some((name, _)) = values.iter().find(|(_, value)| *value == 0) {
             return Err(ConfigError::Invalid((*name).into(), "must be at least 1".into()));
@@ -339,7 +340,7 @@ impl Config {
     }
 
     pub fn realtime_expiration(&self) -> Duration {
-        Duration::from_millis(self.args.realtime_expiration_ms)
+        Duration::from_millis(u64::from(self.args.realtime_expiration_ms))
     }
 }
 

@@ -136,12 +136,19 @@ pub fn output_text(response: &RawValue) -> Option<String> {
 const METADATA_PAIRS: usize = 16;
 const METADATA_KEY_CHARS: usize = 64;
 const METADATA_VALUE_CHARS: usize = 512;
+/// AMQP header name of a metadata pair: this prefix, then the key.
+pub const HEADER_METADATA_PREFIX: &str = "openai-metadata-";
+/// A header name is an AMQP short string: lapin panics past 255 bytes.
+const HEADER_NAME_BYTES: usize = 255;
+/// All metadata headers together. Every header travels in one frame, and a broker with a
+/// small `frame_max` closes the whole connection over a larger one, failing every publish
+/// on it; within OpenAI's limits, non-ASCII text could reach about 37 KiB.
+const METADATA_HEADER_BYTES: usize = 8 * 1024;
 
 /// The string pairs of a fetched object's `metadata`, which the published message carries as
 /// headers. Pairs outside OpenAI's limits (a non-string value, an over-long key or value, a
-/// 17th pair) are left out rather than trusted: a header name is an AMQP short string, on
-/// which lapin panics past 255 bytes, and all headers must fit one frame of the broker's
-/// `frame_max`, or it closes the channel; within the limits they take at most about 9 KiB.
+/// 17th pair) are left out rather than trusted, and so are those that would not fit an AMQP
+/// header name or the headers' byte budget, in the object's key order.
 pub fn metadata(object: &RawValue) -> Vec<(String, String)> {
     #[derive(Deserialize)]
     struct Object {
@@ -149,6 +156,7 @@ pub fn metadata(object: &RawValue) -> Vec<(String, String)> {
         metadata: Option<serde_json::Map<String, serde_json::Value>>,
     }
     let Ok(Object { metadata: Some(metadata) }) = serde_json::from_str(object.get()) else { return Vec::new() };
+    let mut budget = METADATA_HEADER_BYTES;
     metadata
         .into_iter()
         .filter_map(|(key, value)| match value {
@@ -156,7 +164,14 @@ pub fn metadata(object: &RawValue) -> Vec<(String, String)> {
             _ => None,
         })
         .filter(|(key, value)| !key.is_empty() && key.chars().count() <= METADATA_KEY_CHARS && value.chars().count() <= METADATA_VALUE_CHARS)
+        .filter(|(key, _)| HEADER_METADATA_PREFIX.len() + key.len() <= HEADER_NAME_BYTES)
         .take(METADATA_PAIRS)
+        .filter(|(key, value)| {
+            let bytes = HEADER_METADATA_PREFIX.len() + key.len() + value.len();
+            let fits = bytes <= budget;
+            budget -= if fits { bytes } else { 0 };
+            fits
+        })
         .collect()
 }
 

@@ -20,12 +20,11 @@ use crate::envelope::Envelope;
 use crate::gateway::reply::{ReplyTo, routed};
 use crate::inbox::{HEADER_PROJECT, HEADER_TRACEPARENT, PERSISTENT};
 use crate::metrics::Metrics;
-use crate::normalize::metadata;
+use crate::normalize::{HEADER_METADATA_PREFIX, metadata};
 use crate::verify::HEADER_ID;
 
 pub const CONTENT_TYPE: &str = "application/cloudevents+json";
 /// Prefix of the headers that carry the fetched object's metadata, one per key.
-pub const HEADER_METADATA_PREFIX: &str = "openai-metadata-";
 
 #[derive(Clone)]
 pub struct EventPublisher {

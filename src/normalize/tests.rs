@@ -352,6 +352,13 @@ fn metadata_keeps_the_string_pairs_within_openais_limits() {
 
     let many: serde_json::Map<String, Value> = (0..20).map(|i| (format!("k{i:02}"), json!("v"))).collect();
     assert_eq!(metadata(&raw(&json!({"metadata": many}).to_string())).len(), 16);
+    // 60 characters, 240 bytes: within OpenAI's limit, but no AMQP header name after the prefix.
+    let wide_key = "😀".repeat(60);
+    assert_eq!(metadata(&raw(&json!({"metadata": {wide_key: "x", "k": "v"}}).to_string())), [("k".to_owned(), "v".to_owned())]);
+    // 512 four-byte characters a value: three such pairs fill the headers' byte budget.
+    let wide: serde_json::Map<String, Value> = (0..16).map(|i| (format!("k{i:02}"), json!("😀".repeat(512)))).collect();
+    let kept = metadata(&raw(&json!({"metadata": wide}).to_string()));
+    assert_eq!(kept.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["k00", "k01", "k02"]);
     for absent in [r#"{"id":"x"}"#, r#"{"metadata":null}"#, r#"{"metadata":[1]}"#, "[]"] {
         assert!(metadata(&raw(absent)).is_empty(), "{absent}");
     }
