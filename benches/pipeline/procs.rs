@@ -49,7 +49,6 @@ impl RelayProcess {
             .args(["--role", role])
             .env("RELAY_LISTEN", addr.to_string())
             .env("RELAY_LOG_FORMAT", "json")
-            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -80,7 +79,7 @@ impl RelayProcess {
         self.child.id()
     }
 
-    /// The last lines the relay logged (warnings and errors only, with `RUST_LOG=warn`).
+    /// The last lines the relay logged (at its default level, as a user runs it).
     pub fn log_tail(&self) -> Vec<String> {
         self.log.lock().unwrap().iter().cloned().collect()
     }
