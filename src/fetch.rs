@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 
 use crate::envelope::Target;
 use crate::metrics::Metrics;
+use crate::telemetry;
 
 /// What a completed fetch gives.
 #[derive(Debug)]
@@ -117,8 +118,8 @@ impl ApiClient {
         url
     }
 
-    #[tracing::instrument(name = "fetch", skip_all, fields(object_id = target.id, status))]
-    /// One attempt with the project's API `key`.
+    /// One attempt with the project's API `key`. Its span is the trace's HTTP client span.
+    #[tracing::instrument(name = "fetch", skip_all, fields(otel.kind = telemetry::otel(|| "client"), otel.name = telemetry::otel(|| "GET"), object_id = target.id, status))]
     pub async fn fetch(&self, target: Target<'_>, key: &SecretString) -> Result<Fetched, FetchError> {
         let started = Instant::now();
         let result = self.attempt(target, key).await;
@@ -128,7 +129,16 @@ impl ApiClient {
             Ok(Fetched::Gone { .. }) => "404".to_owned(),
             Err(e) => e.reason(),
         };
-        tracing::Span::current().record("status", status.as_str());
+        let span = tracing::Span::current();
+        span.record("status", status.as_str());
+        if telemetry::enabled() {
+            let code = match &result {
+                Ok(Fetched::Object(_)) => Some(200),
+                Ok(Fetched::Gone { .. }) => Some(404),
+                Err(e) => e.status(),
+            };
+            telemetry::responded(&span, "GET", Some(&self.url(target)), code);
+        }
         self.metrics.fetches.get_or_create(&vec![("kind", kind.to_owned()), ("status", status)]).inc();
         self.metrics
             .fetch_seconds

@@ -3,7 +3,8 @@
 //!
 //! Message format (part of the contract): body = the raw request body bytes; AMQP headers
 //! `webhook-id`, `webhook-timestamp`, `webhook-signature`, plus `openai-project` for a named
-//! project and `traceparent` when the request had one; persistent; `message_id` =
+//! project and `traceparent` (W3C trace context: the request's, or with traces exported the
+//! store's span, then with `tracestate` when the trace has one); persistent; `message_id` =
 //! `webhook-id`. The worker adds `x-relay-attempts` when it parks a delivery for retry.
 
 use std::sync::Arc;
@@ -11,9 +12,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
+use tracing::Instrument;
 
 use crate::broker::{Broker, Outgoing, PublishError};
 use crate::metrics::Metrics;
+use crate::telemetry;
 use crate::verify::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Verified};
 
 /// W3C trace context, carried from the webhook request into the published event.
@@ -38,11 +41,13 @@ impl Inbox {
     }
 
     /// Stores a verified delivery; returns once the broker has confirmed it, so the caller
-    /// may acknowledge it to OpenAI.
+    /// may acknowledge it to OpenAI. When spans are exported, the stored `traceparent` is the
+    /// store's own span, which the worker's processing continues.
     pub async fn store(&self, delivery: &Verified, project: Option<&str>, traceparent: Option<&str>) -> Result<(), PublishError> {
-        let properties = properties(delivery, project, traceparent);
+        let span = telemetry::producer("", &self.queue, delivery.id());
+        let properties = telemetry::with_trace_context(&span, properties(delivery, project, traceparent));
         let message = Outgoing { exchange: "", routing_key: &self.queue, body: delivery.body(), properties };
-        self.broker.publish(message, &self.metrics.inbox_store_seconds).await
+        self.broker.publish(message, &self.metrics.inbox_store_seconds).instrument(span).await
     }
 }
 

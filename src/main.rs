@@ -29,6 +29,7 @@ async fn main() -> ExitCode {
 
 async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.validate()?;
-    telemetry::init(config.args.log_format);
+    // Dropped on the way out, after the app stopped: exports the last spans.
+    let _telemetry = telemetry::init(config.args.log_format)?;
     App::build(config).await?.run_until(shutdown::signal()).await
 }

@@ -30,12 +30,14 @@ pub enum NormalizeError {
     Encode(#[from] serde_json::Error),
 }
 
-/// The CloudEvents 1.0 structured-mode JSON for one event.
+/// The CloudEvents 1.0 structured-mode JSON for one event; with `traceparent`, the
+/// distributed-tracing extension attribute of that name, so consumers continue the trace.
 pub fn normalize(
     envelope: &Envelope,
     raw_event: &RawValue,
     source: &str,
     enrichment: Enrichment<'_>,
+    traceparent: Option<&str>,
 ) -> Result<Vec<u8>, NormalizeError> {
     let time = OffsetDateTime::from_unix_timestamp(envelope.created_at)
         .ok()
@@ -49,6 +51,7 @@ pub fn normalize(
         subject: envelope.subject(),
         time,
         datacontenttype: "application/json",
+        traceparent,
         data: Data { event: raw_event, enrichment },
     };
     Ok(serde_json::to_vec(&event)?)
@@ -67,6 +70,9 @@ pub(crate) struct CloudEvent<'a, D> {
     pub subject: Option<&'a str>,
     pub time: String,
     pub datacontenttype: &'static str,
+    /// W3C trace context of the span that made the event (CloudEvents distributed tracing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<&'a str>,
     pub data: D,
 }
 

@@ -3,9 +3,10 @@
 //! Routing key = the OpenAI event type, so consumers bind `response.*` or `#`; events of a
 //! named project carry the header `openai-project`, and the fetched object's `metadata`
 //! pairs become headers `openai-metadata-<key>`, so that a headers exchange bound to the
-//! topic exchange routes by them without parsing bodies. Published
-//! persistent and `mandatory`: an event no queue would take comes back as unroutable and
-//! the worker retries it instead of losing it.
+//! topic exchange routes by them without parsing bodies; with traces exported, `traceparent`
+//! names the publish's span, in the trace of the delivery. Published persistent and
+//! `mandatory`: an event no queue would take comes back as unroutable and the worker retries
+//! it instead of losing it.
 
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::value::RawValue;
+use tracing::Instrument;
 
 use crate::broker::{Broker, Outgoing, PublishError};
 use crate::envelope::Envelope;
@@ -21,10 +23,10 @@ use crate::gateway::reply::{ReplyTo, routed};
 use crate::inbox::{HEADER_PROJECT, HEADER_TRACEPARENT, PERSISTENT};
 use crate::metrics::Metrics;
 use crate::normalize::{HEADER_METADATA_PREFIX, metadata};
+use crate::telemetry;
 use crate::verify::HEADER_ID;
 
 pub const CONTENT_TYPE: &str = "application/cloudevents+json";
-/// Prefix of the headers that carry the fetched object's metadata, one per key.
 
 #[derive(Clone)]
 pub struct EventPublisher {
@@ -41,6 +43,7 @@ pub struct Context<'a> {
     /// Absent only on a message put into the inbox by hand.
     pub webhook_id: Option<&'a str>,
     pub project: Option<&'a str>,
+    /// The webhook request's, copied; with traces exported, the publish's own span replaces it.
     pub traceparent: Option<&'a str>,
     /// The fetched object, whose `metadata` becomes headers.
     pub object: Option<&'a RawValue>,
@@ -64,15 +67,21 @@ impl EventPublisher {
         if envelope.is_incoming_call() {
             properties = properties.with_expiration(self.realtime_expiration.as_millis().to_string().into());
         }
-        let message = Outgoing { exchange: &self.exchange, routing_key: &envelope.kind, body: cloud_event, properties: properties.clone() };
-        let result = self.broker.publish(message, &self.metrics.publish_confirm_seconds).await;
-        if matches!(result, Err(PublishError::Unroutable(_))) {
-            self.metrics.unroutable.inc();
+        let span = telemetry::producer(&self.exchange, &envelope.kind, &envelope.id);
+        let properties = telemetry::with_trace_context(&span, properties);
+        async {
+            let message = Outgoing { exchange: &self.exchange, routing_key: &envelope.kind, body: cloud_event, properties: properties.clone() };
+            let result = self.broker.publish(message, &self.metrics.publish_confirm_seconds).await;
+            if matches!(result, Err(PublishError::Unroutable(_))) {
+                self.metrics.unroutable.inc();
+            }
+            match reply {
+                Some(reply) => routed(&self.broker, &self.metrics, result, Some(reply), properties, cloud_event, true).await,
+                None => result,
+            }
         }
-        match reply {
-            Some(reply) => routed(&self.broker, &self.metrics, result, Some(reply), properties, cloud_event, true).await,
-            None => result,
-        }
+        .instrument(span)
+        .await
     }
 }
 

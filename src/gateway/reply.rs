@@ -118,7 +118,7 @@ pub enum ErrorData<'a> {
 impl Made {
     fn build<D: Serialize>(id: String, kind: &str, subject: Option<&str>, source: &str, data: D) -> Result<Self, serde_json::Error> {
         let time = OffsetDateTime::from_unix_timestamp(unix_now()).ok().and_then(|t| t.format(&Rfc3339).ok()).unwrap_or_default();
-        let event = CloudEvent { specversion: "1.0", id: &id, source, kind: format!("com.openai.{kind}"), subject, time, datacontenttype: "application/json", data };
+        let event = CloudEvent { specversion: "1.0", id: &id, source, kind: format!("com.openai.{kind}"), subject, time, datacontenttype: "application/json", traceparent: None, data };
         let body = serde_json::to_vec(&event)?;
         Ok(Self { id, kind: kind.to_owned(), body })
     }

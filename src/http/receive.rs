@@ -10,7 +10,8 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use tracing::Span;
+use tracing::field::Empty;
+use tracing::{Instrument, Span};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ use crate::inbox::{HEADER_TRACEPARENT, unix_now};
 use crate::metrics::{InFlight, label};
 use crate::normalize::{Enrichment, normalize};
 use crate::publish::Context;
+use crate::telemetry;
 use crate::verify::Verified;
 
 /// `POST /webhooks/openai`: the default project.
@@ -40,9 +42,18 @@ pub async fn receive_project(
     respond(&state, Some(project), &headers, body).await
 }
 
-/// The span is at warn level so that its ids stay on every warning at `RUST_LOG=warn`.
-#[tracing::instrument(name = "receive", level = "warn", skip_all, fields(project = project.as_deref().unwrap_or("default"), webhook_id, event_id, event_type, object_id))]
+/// The span is at warn level so that its ids stay on every warning at `RUST_LOG=warn`. It is
+/// also the trace's server span, continuing a trace a proxy started (its `traceparent`).
 async fn respond(state: &AppState, project: Option<String>, headers: &HeaderMap, body: Body) -> Response {
+    let route = if project.is_some() { "POST /webhooks/openai/{project}" } else { "POST /webhooks/openai" };
+    let span = tracing::warn_span!("receive", otel.kind = telemetry::otel(|| "server"), otel.name = telemetry::otel(|| route), project = project.as_deref().unwrap_or("default"), webhook_id = Empty, event_id = Empty, event_type = Empty, object_id = Empty);
+    telemetry::continue_trace(&span, &telemetry::HttpHeaders(headers));
+    let response = answer(state, project, headers, body).instrument(span.clone()).await;
+    telemetry::responded(&span, "POST", None, Some(response.status().as_u16()));
+    response
+}
+
+async fn answer(state: &AppState, project: Option<String>, headers: &HeaderMap, body: Body) -> Response {
     let result = handle(state, project, headers, body).await;
     let outcome = result.as_ref().map_or_else(ApiError::outcome, |_| "accepted");
     state.metrics.deliveries.get_or_create(&label("outcome", outcome)).inc();
@@ -102,7 +113,7 @@ async fn handle(
 /// blocking publishes, no confirm in time) the inbox on the same broker would fare no
 /// better: 503, and OpenAI retries.
 async fn publish_call(state: &AppState, source: &str, verified: &Verified, envelope: &Envelope, context: Context<'_>) -> Result<bool, PublishError> {
-    let cloud_event = envelope::raw(verified.body()).ok().and_then(|raw| normalize(envelope, raw, source, Enrichment::None).ok());
+    let cloud_event = envelope::raw(verified.body()).ok().and_then(|raw| normalize(envelope, raw, source, Enrichment::None, telemetry::traceparent(&Span::current()).as_deref()).ok());
     let Some(cloud_event) = cloud_event else { return Ok(false) };
     match state.publisher.publish(envelope, context, &cloud_event, None).await {
         Ok(()) => {

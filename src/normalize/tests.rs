@@ -31,7 +31,7 @@ mod object {
 fn normalize_with(event: &str, enrichment: Enrichment<'_>) -> Vec<u8> {
     let envelope = Envelope::parse(event.as_bytes()).expect("fixture is an envelope");
     let raw_event = raw(event.as_bytes()).expect("fixture is JSON");
-    normalize(&envelope, raw_event, SOURCE, enrichment).expect("normalizes")
+    normalize(&envelope, raw_event, SOURCE, enrichment, None).expect("normalizes")
 }
 
 fn object(kind: ObjectKind, text: &str) -> Enrichment<'_> {
@@ -267,7 +267,7 @@ fn an_unrepresentable_created_at_is_an_error_not_a_panic() {
     let event = format!(r#"{{"id":"evt_t","type":"something.new","created_at":{},"data":{{"id":"x_1"}}}}"#, i64::MAX);
     let envelope = Envelope::parse(event.as_bytes()).unwrap();
     let raw_event = raw(event.as_bytes()).unwrap();
-    let err = normalize(&envelope, raw_event, SOURCE, Enrichment::None).unwrap_err();
+    let err = normalize(&envelope, raw_event, SOURCE, Enrichment::None, None).unwrap_err();
     assert!(matches!(err, NormalizeError::Time(t) if t == i64::MAX), "{err}");
 }
 
@@ -275,7 +275,7 @@ fn an_unrepresentable_created_at_is_an_error_not_a_panic() {
 fn the_configured_source_is_used_as_is() {
     let envelope = Envelope::parse(webhook::BATCH_COMPLETED.as_bytes()).unwrap();
     let raw_event = raw(webhook::BATCH_COMPLETED.as_bytes()).unwrap();
-    let bytes = normalize(&envelope, raw_event, "https://api.openai.com/proj_Abc123", Enrichment::None).unwrap();
+    let bytes = normalize(&envelope, raw_event, "https://api.openai.com/proj_Abc123", Enrichment::None, None).unwrap();
     assert_eq!(parse(&bytes)["source"], "https://api.openai.com/proj_Abc123");
 }
 

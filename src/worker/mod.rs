@@ -40,6 +40,7 @@ use crate::inbox::{HEADER_ATTEMPTS, HEADER_PROJECT, HEADER_TRACEPARENT, header, 
 use crate::metrics::{InFlight, Metrics, label};
 use crate::normalize::{Enrichment, normalize};
 use crate::publish::{Context, EventPublisher};
+use crate::telemetry;
 use crate::topology::Topology;
 use crate::verify::HEADER_ID;
 
@@ -163,9 +164,13 @@ impl Worker {
         let used = u32::try_from(int_header(properties, HEADER_ATTEMPTS).unwrap_or(0)).unwrap_or(0);
         let span = match lane {
             // Warn level, so that the ids stay on every warning and error at `RUST_LOG=warn`.
+            // Also the trace's consumer span, continuing the trace of the inbox store.
             Lane::Inbox => {
                 let webhook_id = header(properties, HEADER_ID).unwrap_or("");
-                tracing::warn_span!("deliver", project = project.as_deref().unwrap_or("default"), webhook_id, event_id = tracing::field::Empty, event_type = tracing::field::Empty, object_id = tracing::field::Empty, attempt = used + 1)
+                let queue = &self.topology.inbox;
+                let span = tracing::warn_span!("deliver", otel.kind = telemetry::otel(|| "consumer"), otel.name = telemetry::otel(|| format!("process {queue}")), project = project.as_deref().unwrap_or("default"), webhook_id, event_id = tracing::field::Empty, event_type = tracing::field::Empty, object_id = tracing::field::Empty, attempt = used + 1);
+                telemetry::consumer(&span, queue, &delivery);
+                span
             }
             Lane::Requests | Lane::Watch => {
                 let message_id = properties.message_id().as_ref().map_or("", |id| id.as_str());
@@ -243,7 +248,7 @@ impl Worker {
             Some((kind, Fetched::Object(object))) => (Enrichment::Object(*kind, object), "object"),
             Some((_, Fetched::Gone { message })) => (Enrichment::Gone { status: 404, message }, "gone"),
         };
-        let cloud_event = match normalize(envelope, raw_event, &settings.source, enrichment) {
+        let cloud_event = match normalize(envelope, raw_event, &settings.source, enrichment, telemetry::traceparent(&Span::current()).as_deref()) {
             Ok(bytes) => bytes,
             Err(e) => return Disposition::Dead(failure(None, "normalize", e.to_string(), None)),
         };

@@ -169,6 +169,18 @@ pub async fn wait_ready(base: &str) {
     .await;
 }
 
+/// POSTs `body` as webhook `id`, signed with `secret`, to the relay at `base` (`http://host:port`),
+/// with `extra` headers besides the signature's.
+pub async fn post_signed(http: &reqwest::Client, base: &str, secret: &Secret, id: &str, body: String, extra: &[(&str, &str)]) -> reqwest::Response {
+    let ts = unix_now().to_string();
+    let signature = secret.sign(id, &ts, body.as_bytes());
+    let mut request = http.post(format!("{base}/webhooks/openai")).header("webhook-id", id).header("webhook-timestamp", ts).header("webhook-signature", signature);
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    request.body(body).send().await.expect("relay answers")
+}
+
 /// Sends SIGTERM to a relay process and waits (up to `within`) for it to exit.
 pub async fn terminate(child: &mut std::process::Child, within: Duration) -> ExitStatus {
     let sent = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();

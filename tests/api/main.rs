@@ -26,3 +26,4 @@ mod migration;
 mod gateway;
 mod metadata;
 mod calls;
+mod traces;

@@ -8,7 +8,7 @@ use openai_webhook_relay::inbox::{header, unix_now};
 use openai_webhook_relay::verify::Secret;
 
 use crate::fake_openai::API_KEY;
-use crate::helpers::{Options, Relay, event, spawn_relay, webhook_id};
+use crate::helpers::{Options, Relay, event, post_signed, spawn_relay, webhook_id};
 
 fn secret_of(byte: u8) -> String {
     format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode([byte; 32]))
@@ -108,20 +108,7 @@ async fn duplicated_deliveries_to_two_replicas_are_published_once_with_redis() {
         sent.insert(id.clone(), body.clone());
         for port in ports {
             let (http, secret, id, body) = (http.clone(), secret.clone(), id.clone(), body.clone());
-            copies.push(tokio::spawn(async move {
-                let ts = unix_now().to_string();
-                let signature = secret.sign(&id, &ts, body.as_bytes());
-                http.post(format!("http://127.0.0.1:{port}/webhooks/openai"))
-                    .header("webhook-id", &id)
-                    .header("webhook-timestamp", ts)
-                    .header("webhook-signature", signature)
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            }));
+            copies.push(tokio::spawn(async move { post_signed(&http, &format!("http://127.0.0.1:{port}"), &secret, &id, body, &[]).await.status().as_u16() }));
         }
     }
     for copy in copies {

@@ -502,6 +502,7 @@ fn the_schema_rejects_what_the_relay_never_publishes() {
             e
         }),
         ("a named project", mutated(|e| e["source"] = json!("openai/acme-prod"))),
+        ("with traces exported, the traceparent extension", mutated(|e| e["traceparent"] = json!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"))),
         ("a response without text", mutated(|e| e["data"]["output_text"] = Value::Null)),
         ("a realtime call, subject = call id", {
             let mut e = event_only("realtime.call.incoming");
@@ -528,6 +529,7 @@ fn the_schema_rejects_what_the_relay_never_publishes() {
         ("missing specversion", mutated(remove("specversion"))),
         ("specversion 0.3", mutated(|e| e["specversion"] = json!("0.3"))),
         ("missing id", mutated(remove("id"))),
+        ("a traceparent that is not W3C trace context", mutated(|e| e["traceparent"] = json!("0af7651916cd43dd8448eb211c80319c"))),
         ("missing source", mutated(remove("source"))),
         ("missing time", mutated(remove("time"))),
         ("missing data", mutated(remove("data"))),
