@@ -96,6 +96,8 @@ struct Inner {
     complete_after: Duration,
     /// The bearer key of each create, in order.
     create_keys: Vec<String>,
+    /// Sends the webhooks; one client, so that its connections are reused.
+    http: reqwest::Client,
 }
 
 #[derive(Clone)]
@@ -262,12 +264,11 @@ async fn finish(inner: &Arc<Mutex<Inner>>, id: &str, status: &str, webhook: bool
                 "content": [{"type": "output_text", "text": text, "annotations": []}]}]);
             response["completed_at"] = json!(now());
         }
-        (response.clone(), inner.webhook.clone())
+        (response.clone(), inner.webhook.clone().map(|target| (target, inner.http.clone())))
     };
-    if let (true, Some((url, secret))) = (webhook, target) {
+    if let (true, Some(((url, secret), http))) = (webhook, target) {
         let event = json!({"id": hex_id("evt"), "object": "event", "type": format!("response.{status}"), "created_at": now(), "data": {"id": id}}).to_string();
         let webhook_id = hex_id("wh");
-        let http = reqwest::Client::new();
         for _ in 0..50 {
             let ts = now().to_string();
             let sent = http
