@@ -35,6 +35,8 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Pause before a consumer re-attaches after its channel failed.
 const REATTACH_PAUSE: Duration = Duration::from_secs(1);
+/// Longest wait for a replacement publishing channel (open and confirm mode).
+const REPLACE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a relay using a queue an older version declared checks whether it can now
 /// rebuild it.
 const OUTDATED_RECHECK: Duration = Duration::from_secs(60);
@@ -89,10 +91,17 @@ impl Link {
         }
         // Not closed here: publishes still in flight on it (a receiver's inbox store, say)
         // get their own confirms; lapin closes it when the last of them drops its handle.
-        match open_publisher(&self.connection).await {
-            Ok(channel) => *self.publisher.channel.write().expect("publisher lock") = channel,
-            Err(error) => {
+        // Bounded: on a connection that dies meanwhile, lapin may never answer the channel's
+        // open, and the publish waiting here would hang with its delivery's dedup claim
+        // held, so that every redelivered copy of it was parked again as "busy", for good.
+        match tokio::time::timeout(REPLACE_TIMEOUT, open_publisher(&self.connection)).await {
+            Ok(Ok(channel)) => *self.publisher.channel.write().expect("publisher lock") = channel,
+            Ok(Err(error)) => {
                 tracing::warn!(%error, "cannot open a new publishing channel; reconnecting");
+                self.report_broken();
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?REPLACE_TIMEOUT, "no new publishing channel in time; reconnecting");
                 self.report_broken();
             }
         }

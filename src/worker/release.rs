@@ -123,6 +123,7 @@ async fn release(broker: &Broker, metrics: &Metrics, channel: &Channel, delivery
         }
         pause = (pause * 2).min(PAUSE_MAX);
     }
+    tracing::debug!(%target, "a held parked message's channel is gone; the broker gives it to the next consumer");
 }
 
 /// Every [`POLL`], releases the due heads of `queues`.

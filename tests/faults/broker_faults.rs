@@ -30,12 +30,7 @@ async fn broker_connections_cut_repeatedly_under_load_lose_nothing() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.cancel();
     let sender = senders.await.unwrap();
-    // 30 s was not always enough: twice in about fifteen runs one parked retry stayed unacked
-    // in its delay queue for longer (a stall under investigation, not a message gone from the
-    // broker); the time it took is printed so that a long stall shows.
-    let collecting = std::time::Instant::now();
-    let outcome = collect(&relay, &sender.acked, Duration::from_secs(120)).await;
-    println!("broker_cuts: every acked event came out {:.1} s after the load stopped, or the wait ended", collecting.elapsed().as_secs_f64());
+    let outcome = collect(&relay, &sender.acked, Duration::from_secs(30)).await;
     let lost = report("broker_cuts", &sender, &outcome);
     assert!(sender.attempts > sender.sent, "the cuts refused some deliveries");
     assert_eq!(lost, 0);
