@@ -455,6 +455,11 @@ fn cpu_cores(cpu: &[Usage], name: &str) -> f64 {
     cpu.iter().find(|u| u.name == name).map_or(0.0, |u| u.cores)
 }
 
+/// The table's four CPU columns: relay, broker, generator, others.
+fn cpu_cells(cpu: &[Usage]) -> String {
+    ["relay", "broker", "generator", "others"].map(|name| cpu_cell(cpu, name)).join(" | ")
+}
+
 fn cpu_cell(cpu: &[Usage], name: &str) -> String {
     cpu.iter().find(|u| u.name == name).map_or_else(|| "–".to_owned(), |u| format!("{:.2}", u.cores))
 }
@@ -497,17 +502,14 @@ impl Report {
                 Some(rate) => format!("open, {rate:.0}/s"),
             };
             println!(
-                "| {phase} | {load} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
+                "| {phase} | {load} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
                 r.rate,
                 r.percentile_ms(50.0),
                 r.percentile_ms(99.0),
                 r.percentile_ms(99.9),
                 r.percentile_ms(100.0),
                 r.rejected + r.failed,
-                cpu_cell(&r.cpu, "relay"),
-                cpu_cell(&r.cpu, "broker"),
-                cpu_cell(&r.cpu, "generator"),
-                cpu_cell(&r.cpu, "others"),
+                cpu_cells(&r.cpu),
             );
         };
         row("relay ingest, HTTP → verify → quorum inbox", &self.ingest_closed);
@@ -516,15 +518,12 @@ impl Report {
         row("baseline, lapin → quorum queue", &self.baseline_open);
         let worker_row = |phase: &str, w: &WorkerResult| {
             println!(
-                "| {phase} | {} deliveries, {} at a time | {:.0} | – | – | – | – | {} | {} | {} | {} | {} |",
+                "| {phase} | {} deliveries, {} at a time | {:.0} | – | – | – | – | {} | {} |",
                 w.events,
                 settings.fetch_concurrency,
                 w.eps,
                 w.events - w.published,
-                cpu_cell(&w.cpu, "relay"),
-                cpu_cell(&w.cpu, "broker"),
-                cpu_cell(&w.cpu, "generator"),
-                cpu_cell(&w.cpu, "others"),
+                cpu_cells(&w.cpu),
             );
         };
         worker_row("relay worker, fetch answers after 100 ms", w);
@@ -532,16 +531,13 @@ impl Report {
         worker_row("baseline, lapin consume → publish → ack", &self.worker_baseline);
         let g = &self.gateway;
         println!(
-            "| relay gateway, request → POST → webhook → fetch → reply | {} requests | {:.0} | {:.2} | {:.2} | – | – | {} | {} | {} | {} | {} |",
+            "| relay gateway, request → POST → webhook → fetch → reply | {} requests | {:.0} | {:.2} | {:.2} | – | – | {} | {} |",
             g.requests,
             g.rps,
             g.p50_ms,
             g.p99_ms,
             g.requests - g.terminal,
-            cpu_cell(&g.cpu, "relay"),
-            cpu_cell(&g.cpu, "broker"),
-            cpu_cell(&g.cpu, "generator"),
-            cpu_cell(&g.cpu, "others"),
+            cpu_cells(&g.cpu),
         );
         println!(
             "| baseline, lapin request → reply | {} requests | {:.0} | – | – | – | – | – | – | {} | {} | {} |",

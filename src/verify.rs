@@ -72,11 +72,15 @@ impl Secret {
         Ok(Self(key))
     }
 
-    /// Parses a list separated by commas and/or white space, as `OPENAI_WEBHOOK_SECRET` holds it.
+    /// The entries of a list separated by commas and/or white space, as
+    /// `OPENAI_WEBHOOK_SECRET` holds it.
+    pub fn list_entries(text: &str) -> impl Iterator<Item = &str> {
+        text.split(|c: char| c == ',' || c.is_whitespace()).filter(|part| !part.is_empty())
+    }
+
+    /// Parses such a list.
     pub fn parse_list(text: &str) -> Result<Vec<Self>, SecretError> {
-        let secrets = text
-            .split(|c: char| c == ',' || c.is_whitespace())
-            .filter(|part| !part.is_empty())
+        let secrets = Self::list_entries(text)
             .map(Self::parse)
             .collect::<Result<Vec<_>, _>>()?;
         if secrets.is_empty() {

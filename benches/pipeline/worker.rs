@@ -125,7 +125,7 @@ async fn prefill(connection: &Connection, queue: &str, n: usize, secret: &Secret
 
 /// CPU seconds the process named `name` used in the window.
 fn cpu_seconds(cpu: &[Usage], name: &str, window: Duration) -> f64 {
-    cpu.iter().find(|u| u.name == name).map_or(0.0, |u| u.cores * window.as_secs_f64())
+    crate::cpu_cores(cpu, name) * window.as_secs_f64()
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -17,6 +17,7 @@ use anyhow::Context;
 use base64::Engine;
 use lapin::{Connection, ConnectionProperties};
 
+use crate::broker::nodes::{self, Nodes};
 use crate::config::{LogFormat, Role, ServeArgs};
 use crate::verify::Secret;
 use crate::{App, shutdown, telemetry};
@@ -34,8 +35,8 @@ pub async fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     println!("openai-webhook-relay dev: the whole loop on this machine; Ctrl-C stops everything");
 
     // Dropped last: the relay closes its connection before the node goes away.
-    let private_broker = if broker_answers(&args.amqp_url).await {
-        println!("  RabbitMQ  {} (answers at AMQP_URL)", redact(&args.amqp_url));
+    let private_broker = if let Some(node) = broker_answers(&args.amqp_url).await {
+        println!("  RabbitMQ  {node} (answers at AMQP_URL)");
         None
     } else {
         println!("  RabbitMQ  nothing answers at AMQP_URL; starting a private node (takes about 10 s)...");
@@ -48,7 +49,7 @@ pub async fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     let secret = match args.webhook_secret.as_deref() {
         Some(given) => {
             println!("  secret    from OPENAI_WEBHOOK_SECRET");
-            first_secret(given)
+            Secret::list_entries(given).next().unwrap_or_default().to_owned()
         }
         None => {
             let generated = generate_secret()?;
@@ -91,16 +92,15 @@ pub async fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn broker_answers(amqp_url: &str) -> bool {
-    let url = amqp_url.split(',').next().unwrap_or_default().trim();
+/// The node of `AMQP_URL` that answers (`host:port`, never the credentials), if one does.
+/// An unusable `AMQP_URL` answers nowhere: `dev` then brings its own broker.
+async fn broker_answers(amqp_url: &str) -> Option<String> {
+    let nodes = Nodes::parse(amqp_url).ok()?;
+    let uri = nodes.get(0);
     let properties = ConnectionProperties::default().with_connection_name("openai-webhook-relay-dev-probe".into());
-    match tokio::time::timeout(PROBE_TIMEOUT, Connection::connect(url, properties)).await {
-        Ok(Ok(connection)) => {
-            let _ = connection.close(200, "probe".into()).await;
-            true
-        }
-        _ => false,
-    }
+    let connection = tokio::time::timeout(PROBE_TIMEOUT, Connection::connect_uri(uri.clone(), properties)).await.ok()?.ok()?;
+    let _ = connection.close(200, "probe".into()).await;
+    Some(nodes::node(uri))
 }
 
 /// Until `/readyz` answers 200 (broker connected, topology declared), for a minute at most:
@@ -158,20 +158,4 @@ fn generate_secret() -> anyhow::Result<String> {
     let mut key = [0u8; 32];
     std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut key)).context("reading /dev/urandom")?;
     Ok(format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key)))
-}
-
-/// The secret `send` signs with: the first of a rotation list.
-fn first_secret(list: &str) -> String {
-    list.split(|c: char| c == ',' || c.is_whitespace()).find(|s| !s.is_empty()).unwrap_or_default().to_owned()
-}
-
-/// The URL without its password, for the banner.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].split_once(':') {
-            Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-            None => url.to_owned(),
-        },
-        _ => url.to_owned(),
-    }
 }
