@@ -154,13 +154,15 @@ fn worker(config: &Config, broker: Broker, metrics: Arc<Metrics>) -> anyhow::Res
     let args = &config.args;
     let topology = config.topology();
     let fetch_timeout = Duration::from_secs(args.fetch_timeout_secs);
+    // A fetch and up to three publishes, each bounded by its own timeout, with room to spare.
+    let handle_limit = fetch_timeout + config.confirm_timeout() * 3 + Duration::from_secs(30);
     let memory = Memory::new(Duration::from_secs(args.dedup_window_secs), args.dedup_capacity);
     let dedup = match args.dedup_redis_url.clone() {
         None => Dedup::memory(memory),
         Some(url) => {
-            // A claim outlives the longest handling of one delivery, or a dead replica's
-            // claim would hold its delivery back for good.
-            let pending_ttl = fetch_timeout + config.confirm_timeout() * 3 + Duration::from_secs(30);
+            // A claim outlives the longest handling of one delivery, so that it is released
+            // by its handler rather than expire under it; a dead replica's claim expires.
+            let pending_ttl = handle_limit + Duration::from_secs(10);
             let ttl = Duration::from_secs(args.dedup_ttl_secs);
             Dedup::redis(memory, move || Shared::connect(url.clone(), ttl, pending_ttl), metrics.dedup_fallback.clone())
         }
@@ -187,6 +189,7 @@ fn worker(config: &Config, broker: Broker, metrics: Arc<Metrics>) -> anyhow::Res
         projects,
         concurrency: usize::from(args.fetch_concurrency),
         max_message_bytes: args.max_message_bytes,
+        handle_limit,
         topology: topology.clone(),
         gateway: topology.requests.as_ref().map(|_| crate::gateway::Settings {
             reconcile_after: (args.reconcile_after_secs > 0).then(|| Duration::from_secs(args.reconcile_after_secs)),

@@ -65,6 +65,7 @@ pub struct Metrics {
     pub settle_failures: Family<Labels, Counter>,
     /// Deliveries whose handling panicked; each was dead-lettered with the panic message.
     pub panics: Counter,
+    pub abandoned: Counter,
     /// Queues in use under the arguments of an older version (not yet rebuilt).
     pub queues_outdated: Gauge,
     /// Messages moved out of queues an older version left.
@@ -109,6 +110,7 @@ impl Default for Metrics {
             duplicates: Counter::default(),
             settle_failures: Family::default(),
             panics: Counter::default(),
+            abandoned: Counter::default(),
             queues_outdated: Gauge::default(),
             migrated_messages: Counter::default(),
             dedup_fallback: Gauge::default(),
@@ -138,6 +140,7 @@ impl Default for Metrics {
         r.register("duplicates", "Duplicate deliveries skipped", m.duplicates.clone());
         r.register("settle_failures", "Inbox acks or nacks that did not reach the broker, by operation", m.settle_failures.clone());
         r.register("worker_panics", "Deliveries whose handling panicked (dead-lettered)", m.panics.clone());
+        r.register("worker_abandoned", "Deliveries whose handling hung past the worker's time limit (retried)", m.abandoned.clone());
         r.register("queues_outdated", "Queues in use under an older version's arguments", m.queues_outdated.clone());
         r.register("migrated_messages", "Messages moved out of queues an older version left", m.migrated_messages.clone());
         r.register("released", "Parked messages the worker moved back to their queue when due", m.released.clone());

@@ -82,6 +82,47 @@ impl Dedup {
     }
 }
 
+/// A fresh claim in the hands of its handler. Dropped before [`Held::complete`] or
+/// [`Held::release`] (its handling was abandoned after the worker's time limit, or its task
+/// was dropped), it releases itself: a claim whose handler is gone would otherwise hold
+/// every later copy of its delivery back as `Busy`, for good in memory.
+pub struct Held<'a> {
+    store: Store<'a>,
+    key: &'a str,
+    settled: bool,
+}
+
+impl<'a> Held<'a> {
+    pub fn new(store: Store<'a>, key: &'a str) -> Self {
+        Self { store, key, settled: false }
+    }
+
+    /// The claimed id was published: remember it.
+    pub async fn complete(mut self) {
+        self.store.complete(self.key).await;
+        self.settled = true;
+    }
+
+    /// The claimed id was not published (it will be retried or dead-lettered): forget the
+    /// claim, so that its next delivery is handled.
+    pub async fn release(mut self) {
+        self.store.release(self.key).await;
+        self.settled = true;
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        match self.store {
+            Store::Memory(m) => m.release(self.key),
+            Store::Redis(r) => r.release_later(self.key),
+        }
+    }
+}
+
 /// Pause between attempts to reach a configured Redis that did not answer.
 pub const REDIS_RETRY: Duration = Duration::from_secs(10);
 
@@ -93,8 +134,7 @@ impl Store<'_> {
         }
     }
 
-    /// The claimed id was published: remember it.
-    pub async fn complete(self, key: &str) {
+    async fn complete(self, key: &str) {
         match self {
             Self::Memory(m) => m.complete(key),
             Self::Redis(r) => r.complete(key).await,
@@ -118,9 +158,7 @@ impl Store<'_> {
         }
     }
 
-    /// The claimed id was not published (it will be retried or dead-lettered): forget the
-    /// claim, so that its next delivery is handled.
-    pub async fn release(self, key: &str) {
+    async fn release(self, key: &str) {
         match self {
             Self::Memory(m) => m.release(key),
             Self::Redis(r) => r.release(key).await,
@@ -216,6 +254,7 @@ const DONE: &str = "done";
 /// work, `done` with the long TTL after publishing, deleted (if still ours) on failure.
 /// Redis trouble never blocks an event: the claim then counts as fresh (a possible
 /// duplicate, never a loss) and a warning is logged.
+#[derive(Clone)]
 pub struct Shared {
     redis: ConnectionManager,
     /// Distinguishes this process's pending claims from other replicas'.
@@ -301,6 +340,15 @@ impl Shared {
         let released: redis::RedisResult<i64> = script.key(format!("{KEY_PREFIX}{key}")).arg(&self.owner).invoke_async(&mut redis).await;
         if let Err(error) = released {
             tracing::warn!(%error, "dedup could not release a claim; it expires by itself");
+        }
+    }
+
+    /// [`Shared::release`] from a destructor, which cannot wait: on its own task, if a runtime
+    /// is still there to run it (else the claim expires by itself).
+    fn release_later(&self, key: &str) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (shared, key) = (self.clone(), key.to_owned());
+            runtime.spawn(async move { shared.release(&key).await });
         }
     }
 }

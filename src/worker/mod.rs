@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span};
 
-pub use dedup::{Claim, Dedup, Store};
+pub use dedup::{Claim, Dedup, Held, Store};
 use retry::{Failure, RetryPolicy};
 
 use crate::broker::{Broker, Link, PublishError};
@@ -62,6 +62,10 @@ pub struct Worker {
     pub max_message_bytes: usize,
     /// The background-mode gateway, when `RELAY_REQUEST_QUEUE` is set.
     pub gateway: Option<crate::gateway::Settings>,
+    /// Longest handling of one delivery (its fetches and publishes each have their own
+    /// timeout, so only a hang reaches this): past it the handling is abandoned, its claims
+    /// released, and the delivery retried like any failure.
+    pub handle_limit: Duration,
 }
 
 /// What the worker needs of one OpenAI project.
@@ -187,11 +191,24 @@ impl Worker {
                     Lane::Watch => crate::gateway::reconcile::process(&self, &delivery, project).await,
                 }
             };
-            let disposition = isolated(work, &self.metrics).await;
+            let disposition = match tokio::time::timeout(self.handle_limit, isolated(work, &self.metrics)).await {
+                Ok(disposition) => disposition,
+                Err(_) => self.abandoned(),
+            };
             self.settle(lane, &delivery, used + 1, disposition, &shutdown).await;
         }
         .instrument(span)
         .await;
+    }
+
+    /// A handling that outlived [`Worker::handle_limit`]: something hung (no timeout of ours
+    /// fired). Dropping it released its dedup claims; the delivery counts an attempt, so one
+    /// that hangs every time ends in the dead-letter queue with this reason.
+    fn abandoned(&self) -> Disposition {
+        self.metrics.abandoned.inc();
+        let message = format!("handling the delivery took over {:?} and was abandoned", self.handle_limit);
+        tracing::error!(limit = ?self.handle_limit, "handling the delivery hung; abandoned");
+        Disposition::Retry(failure(None, "hung", message, None))
     }
 
     async fn process(&self, delivery: &Delivery, project: Option<String>, webhook_id: Option<&str>) -> Disposition {
@@ -386,17 +403,19 @@ pub(crate) fn publish_failed(e: PublishError) -> Disposition {
 }
 
 /// Runs `work` under the dedup claim on `key`: only a published delivery completes the
-/// claim, anything else (a panic included) releases it, so that a later copy is handled.
+/// claim, anything else (a panic, or this future dropped, included) releases it, so that a
+/// later copy is handled.
 pub(crate) async fn claimed(store: Store<'_>, key: &str, work: impl Future<Output = Disposition>, metrics: &Metrics) -> Disposition {
     match store.claim(key).await {
         Claim::Fresh => {}
         Claim::Duplicate => return Disposition::Duplicate,
         Claim::Busy => return Disposition::Busy,
     }
+    let held = Held::new(store, key);
     let disposition = isolated(work, metrics).await;
     match disposition {
-        Disposition::Published => store.complete(key).await,
-        _ => store.release(key).await,
+        Disposition::Published => held.complete().await,
+        _ => held.release().await,
     }
     disposition
 }
@@ -439,6 +458,19 @@ mod tests {
         }
         assert_eq!(metrics.panics.get(), 1);
         assert_eq!(store.claim("p/wh_1").await, Claim::Fresh, "the claim was released, so a later copy is handled");
+    }
+
+    #[tokio::test]
+    async fn a_handling_dropped_midway_releases_its_claims() {
+        let memory = dedup::Memory::new(Duration::from_secs(60), 10);
+        let metrics = Metrics::default();
+        let store = Store::Memory(&memory);
+        // An outer claim with an inner one, like a terminal event under its webhook's claim,
+        // whose work never ends: the worker's time limit drops it.
+        let hung = claimed(store, "p/wh_3", claimed(store, "terminal/resp_3", std::future::pending(), &metrics), &metrics);
+        assert!(tokio::time::timeout(Duration::from_millis(20), hung).await.is_err());
+        assert_eq!(store.claim("p/wh_3").await, Claim::Fresh, "the delivery's claim went with its handling");
+        assert_eq!(store.claim("terminal/resp_3").await, Claim::Fresh, "and so did the nested one");
     }
 
     #[tokio::test]

@@ -216,3 +216,18 @@ async fn concurrent_publishes_get_their_own_return() {
     let stored = amqp.take_all(&topology.inbox).await.len();
     assert!(wrong.is_empty(), "{} of 4000 publishes were told another publish's fate (stored {stored}): {:?}", wrong.len(), &wrong[..wrong.len().min(10)]);
 }
+
+/// A claim whose handling is abandoned (the worker's time limit dropped it) must not hold its
+/// delivery back: in Redis, another replica would otherwise see it `Busy` until it expires.
+#[tokio::test]
+async fn a_dropped_redis_claim_is_released() {
+    use openai_webhook_relay::worker::dedup::{Claim, Held, Shared, Store};
+    let shared = Shared::connect("redis://127.0.0.1:6379".into(), Duration::from_secs(60), Duration::from_secs(600)).await.unwrap();
+    let store = Store::Redis(&shared);
+    let key = format!("test/dropped-{:016x}", fastrand::u64(..));
+    assert_eq!(store.claim(&key).await, Claim::Fresh);
+    assert_eq!(store.claim(&key).await, Claim::Busy, "claimed and held");
+    drop(Held::new(store, &key));
+    eventually(Duration::from_secs(5), "the dropped claim is released", async || (store.claim(&key).await == Claim::Fresh).then_some(())).await;
+    Held::new(store, &key).release().await;
+}
