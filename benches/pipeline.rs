@@ -5,11 +5,13 @@
 //! 1. ingest: the release binary as `--role receiver`, driven over keep-alive HTTP/1.1 with
 //!    pre-signed deliveries. A ramp of short closed-loop steps (32 to 512 connections) finds
 //!    the concurrency C that saturates it; then a closed loop at C, and an open loop at a
-//!    fixed half of that peak. After each, every 2xx must be in the inbox, which is then
-//!    emptied so that each phase starts on an empty queue;
+//!    fixed half of that peak. After each, the inbox is drained and the id of every 2xx looked
+//!    up among what it held, so that each phase starts on an empty queue and a loss is
+//!    counted per delivery, not as a difference of totals;
 //! 2. baseline: raw lapin publishes of the same bodies with the same properties, persistent,
-//!    mandatory, to a quorum queue, C tasks each awaiting its own confirm (closed loop), then
-//!    the same at the relay's open-loop rate (the same offered load);
+//!    mandatory, to a quorum queue, each task awaiting its own confirm: the same ramp picks
+//!    its concurrency, then a closed loop, then an open loop at the relay's open-loop rate
+//!    (the same offered load), each drained and checked by id like the relay's;
 //! 3. worker: the release binary as `--role worker` draining a pre-filled inbox against a
 //!    fake OpenAI API (in this process) that answers after 100 ms (what the fetch concurrency
 //!    bounds), then one that answers at once (what the worker costs), counting the
@@ -40,16 +42,15 @@ mod procs;
 #[path = "pipeline/worker.rs"]
 mod worker;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use lapin::options::{
-    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueuePurgeOptions,
-};
+use futures::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 use openai_webhook_relay::topology::{Topology, table};
@@ -193,23 +194,29 @@ struct Measured {
     result: PhaseResult,
     /// Open loop: the rate asked for.
     rate_asked: Option<f64>,
-    stored: u64,
+    drained: Drained,
 }
 
-impl Measured {
-    fn lost(&self) -> u64 {
-        self.result.accepted.saturating_sub(self.stored)
+/// What a queue held after a phase, checked against the ids the phase had accepted.
+#[derive(Debug, Default, Clone, Copy)]
+struct Drained {
+    stored: u64,
+    /// Accepted ids (answered 2xx, or confirmed) that the queue did not hold.
+    missing: u64,
+}
+
+impl std::ops::AddAssign for Drained {
+    fn add_assign(&mut self, other: Self) {
+        self.stored += other.stored;
+        self.missing += other.missing;
     }
 }
 
 struct Report {
     body_bytes: usize,
-    concurrency: usize,
     concurrency_chosen: bool,
-    ramp: Vec<(usize, PhaseResult)>,
-    ramp_stored: u64,
-    ramp_lost: u64,
-    ramp_accepted: u64,
+    ingest_ramp: Ramp,
+    baseline_ramp: Ramp,
     ingest_closed: Measured,
     ingest_open: Measured,
     baseline_closed: Measured,
@@ -247,33 +254,35 @@ async fn queue_depth(channel: &Channel, queue: &str) -> Result<u64, String> {
     Ok(u64::from(declared.message_count()))
 }
 
-/// The queue's depth once it stops changing (or reaches `expected`).
-async fn settled_depth(channel: &Channel, queue: &str, expected: u64) -> Result<u64, String> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let (mut last, mut stable_since) = (u64::MAX, Instant::now());
+/// Empties `queue` by consuming it and looks up every id in `accepted` among the
+/// `message_id`s it held (the relay's inbox sets it to the `webhook-id`, the baseline does the
+/// same): an accepted delivery is lost when its own id is absent, whatever the totals say.
+/// The next phase then starts on an empty queue, as a relay whose worker keeps up sees it.
+async fn drain(channel: &Channel, queue: &str, accepted: &[String]) -> Result<Drained, String> {
+    let tag = format!("bench-drain-{:x}", fastrand::u64(..));
+    let options = BasicConsumeOptions { no_ack: true, ..Default::default() };
+    let mut consumer = channel.basic_consume(queue.into(), tag.as_str().into(), options, FieldTable::default()).await.map_err(|e| format!("draining {queue}: {e}"))?;
+    let mut held = HashSet::with_capacity(accepted.len());
+    let mut stored = 0;
     loop {
-        let depth = queue_depth(channel, queue).await?;
-        if depth != last {
-            (last, stable_since) = (depth, Instant::now());
+        match tokio::time::timeout(Duration::from_millis(300), consumer.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                stored += 1;
+                if let Some(id) = delivery.properties.message_id() {
+                    held.insert(id.to_string());
+                }
+            }
+            Ok(Some(Err(e))) => return Err(format!("draining {queue}: {e}")),
+            Ok(None) => break,
+            Err(_) if queue_depth(channel, queue).await? == 0 => break,
+            Err(_) => {}
         }
-        if depth == expected && stable_since.elapsed() >= Duration::from_millis(300) {
-            return Ok(depth);
-        }
-        if stable_since.elapsed() >= Duration::from_secs(2) || Instant::now() > deadline {
-            return Ok(depth);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Counts what `queue` holds, then empties it, so that the next phase starts on an empty
-/// queue (as a relay whose worker keeps up would see it) and is accounted for on its own.
-async fn count_and_purge(channel: &Channel, queue: &str, expected: u64) -> Result<u64, String> {
-    let stored = settled_depth(channel, queue, expected).await?;
-    channel.queue_purge(queue.into(), QueuePurgeOptions::default()).await.map_err(|e| format!("purging {queue}: {e}"))?;
+    channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await.map_err(|e| format!("draining {queue}: {e}"))?;
+    let missing = accepted.iter().filter(|id| !held.contains(id.as_str())).count() as u64;
     // Let the broker finish truncating its log before the next timed phase.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    Ok(stored)
+    Ok(Drained { stored, missing })
 }
 
 fn phase_summary(name: &str, result: &PhaseResult) {
@@ -289,8 +298,83 @@ fn phase_summary(name: &str, result: &PhaseResult) {
     println!("    CPU used (cores): {}; waited for a CPU (ms/s): {}", result.cpu.iter().map(|u| format!("{} {:.2}", u.name, u.cores)).collect::<Vec<_>>().join(", "), cpu_waits(&result.cpu));
 }
 
-/// Concurrency steps of the ramp that finds where the relay saturates.
+/// Concurrency steps of the ramp that finds where a sink saturates.
 const RAMP: [usize; 5] = [32, 64, 128, 256, 512];
+
+/// The closed-loop steps that chose a sink's concurrency, and what its queue held after them.
+#[derive(Default)]
+struct Ramp {
+    concurrency: usize,
+    steps: Vec<(usize, PhaseResult)>,
+    drained: Drained,
+}
+
+impl Ramp {
+    fn accepted(&self) -> u64 {
+        self.steps.iter().map(|(_, r)| r.accepted).sum()
+    }
+
+    fn describe(&self) -> String {
+        self.steps.iter().map(|(c, r)| format!("{c} → {:.0}/s", r.rate)).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// The same ramp for the relay and the baseline: 1 s + 2 s closed-loop steps through [`RAMP`],
+/// each drained and checked; the concurrency is the smallest step within 5 % of the best one
+/// (or `BENCH_CONCURRENCY`, without a ramp).
+async fn ramp(settings: &Settings, sink: &Sink, secret: &Secret, addr: SocketAddr, probe: &CpuProbe, control: &Channel, queue: &str) -> Result<Ramp, String> {
+    if let Some(concurrency) = settings.concurrency {
+        return Ok(Ramp { concurrency, ..Default::default() });
+    }
+    let mut ramp = Ramp::default();
+    let (step_warmup, step_window) = (Duration::from_secs(1), Duration::from_secs(2));
+    for c in RAMP {
+        let pool = build_pool(secret, addr, closed_pool_size(step_warmup + step_window, 40_000.0, c), true);
+        let result = load::closed_loop(sink, pool.clone(), c, step_warmup, step_window, probe).await.map_err(|e| e.to_string())?;
+        if pool.reused() > 0 {
+            return Err(format!("the ramp's pool of {} deliveries ran out at {c} connections", pool.taken() - pool.reused()));
+        }
+        ramp.drained += drain(control, queue, &result.accepted_ids).await?;
+        println!("  ramp: {c:>3} connections → {:.0}/s (p50 {:.2} ms, p99 {:.2} ms)", result.rate, result.percentile_ms(50.0), result.percentile_ms(99.0));
+        ramp.steps.push((c, result));
+    }
+    let best = ramp.steps.iter().map(|(_, r)| r.rate).fold(0.0, f64::max);
+    ramp.concurrency = ramp.steps.iter().find(|(_, r)| r.rate >= 0.95 * best).map_or(64, |(c, _)| *c);
+    Ok(ramp)
+}
+
+/// A closed loop at the ramp's concurrency, then an open loop at `rate` (or half the closed
+/// loop's rate) over as many connections, each drained and checked.
+#[allow(clippy::too_many_arguments)]
+async fn closed_then_open(
+    settings: &Settings,
+    sink: &Sink,
+    secret: &Secret,
+    addr: SocketAddr,
+    probe: &CpuProbe,
+    control: &Channel,
+    queue: &str,
+    c: usize,
+    rate: Option<f64>,
+    reused: &mut usize,
+) -> Result<(Measured, Measured), String> {
+    println!("  closed loop with {c} connections");
+    let pool = build_pool(secret, addr, closed_pool_size(settings.warmup + settings.window, 40_000.0, c), false);
+    let result = load::closed_loop(sink, pool.clone(), c, settings.warmup, settings.window, probe).await.map_err(|e| e.to_string())?;
+    *reused += pool.reused();
+    drop(pool);
+    phase_summary("closed loop", &result);
+    let drained = drain(control, queue, &result.accepted_ids).await?;
+    let closed = Measured { result, rate_asked: None, drained };
+    let rate = rate.unwrap_or((closed.result.rate / 2.0).max(1.0));
+    let pool = build_pool(secret, addr, (rate * 12.0) as usize + 1000, false);
+    let result = load::open_loop(sink, pool.clone(), rate, c, Duration::from_secs(1), settings.window, probe).await.map_err(|e| e.to_string())?;
+    *reused += pool.reused();
+    drop(pool);
+    phase_summary(&format!("open loop at {rate:.0}/s"), &result);
+    let drained = drain(control, queue, &result.accepted_ids).await?;
+    Ok((closed, Measured { result, rate_asked: Some(rate), drained }))
+}
 
 async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel, names: &Names) -> Result<Report, String> {
     let secret_text = secret_text();
@@ -298,7 +382,6 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
     let broker = procs::broker_pids();
     let me = vec![std::process::id().to_string()];
     let mut reused = 0;
-    let (warmup, window) = (settings.warmup, settings.window);
 
     // 1. Ingest: the relay as a receiver, driven over keep-alive HTTP/1.1.
     let phase_started = Instant::now();
@@ -320,45 +403,9 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
     let sink = Sink::Http(addr);
     let probe = CpuProbe::new().with("relay", vec![receiver.pid().to_string()]).with("broker", broker.clone()).with("generator", me.clone());
 
-    // Concurrency: as given, or the smallest ramp step within 5 % of the best one.
-    let mut ramp = Vec::new();
-    let (mut ramp_stored, mut ramp_lost) = (0, 0);
-    let concurrency = match settings.concurrency {
-        Some(c) => c,
-        None => {
-            let (step_warmup, step_window) = (Duration::from_secs(1), Duration::from_secs(2));
-            for c in RAMP {
-                let pool = build_pool(&secret, addr, closed_pool_size(step_warmup + step_window, 40_000.0, c), true);
-                let result = load::closed_loop(&sink, pool.clone(), c, step_warmup, step_window, &probe).await.map_err(|e| e.to_string())?;
-                reused += pool.reused();
-                let stored = count_and_purge(control, &names.ingest.inbox, result.accepted).await?;
-                ramp_stored += stored;
-                ramp_lost += result.accepted.saturating_sub(stored);
-                println!("  ramp: {c:>3} connections → {:.0}/s (p50 {:.2} ms, p99 {:.2} ms)", result.rate, result.percentile_ms(50.0), result.percentile_ms(99.0));
-                ramp.push((c, result));
-            }
-            let best = ramp.iter().map(|(_, r)| r.rate).fold(0.0, f64::max);
-            ramp.iter().find(|(_, r)| r.rate >= 0.95 * best).map(|(c, _)| *c).unwrap_or(64)
-        }
-    };
-    let c = concurrency;
-    println!("  closed loop with {c} connections");
-    let pool = build_pool(&secret, addr, closed_pool_size(warmup + window, 40_000.0, c), false);
-    let result = load::closed_loop(&sink, pool.clone(), c, warmup, window, &probe).await.map_err(|e| e.to_string())?;
-    reused += pool.reused();
-    drop(pool);
-    phase_summary("closed loop", &result);
-    let ramp_accepted: u64 = ramp.iter().map(|(_, r)| r.accepted).sum();
-    let stored = count_and_purge(control, &names.ingest.inbox, result.accepted).await?;
-    let ingest_closed = Measured { result, rate_asked: None, stored };
-    let rate = (ingest_closed.result.rate / 2.0).max(1.0);
-    let pool = build_pool(&secret, addr, (rate * 12.0) as usize + 1000, false);
-    let result = load::open_loop(&sink, pool.clone(), rate, c, Duration::from_secs(1), window, &probe).await.map_err(|e| e.to_string())?;
-    reused += pool.reused();
-    drop(pool);
-    phase_summary(&format!("open loop at {rate:.0}/s"), &result);
-    let stored = count_and_purge(control, &names.ingest.inbox, result.accepted).await?;
-    let ingest_open = Measured { result, rate_asked: Some(rate), stored };
+    let ingest_ramp = ramp(settings, &sink, &secret, addr, &probe, control, &names.ingest.inbox).await?;
+    let (ingest_closed, ingest_open) =
+        closed_then_open(settings, &sink, &secret, addr, &probe, control, &names.ingest.inbox, ingest_ramp.concurrency, None, &mut reused).await?;
     let receiver_rss_kib = receiver.peak_rss_kib().unwrap_or(0);
     let tail = receiver.log_tail();
     receiver.stop().await;
@@ -370,7 +417,7 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
 
     // 2. Baseline: the broker alone, same bodies, same kind of queue, same generator design.
     let phase_started = Instant::now();
-    println!("phase 2/4: baseline, raw lapin publishes to a quorum queue, {c} in flight");
+    println!("phase 2/4: baseline, raw lapin publishes to a quorum queue");
     let connection = Connection::connect(&settings.amqp_url, ConnectionProperties::default()).await.map_err(|e| e.to_string())?;
     let publisher = connection.create_channel().await.map_err(|e| e.to_string())?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
@@ -382,22 +429,10 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
     let sink = Sink::Amqp { channel: publisher.clone(), queue: names.baseline.as_str().into() };
     let probe = CpuProbe::new().with("broker", broker.clone()).with("generator", me.clone());
     let nowhere: SocketAddr = "127.0.0.1:9".parse().expect("address");
-    let pool = build_pool(&secret, nowhere, closed_pool_size(warmup + window, 40_000.0, c), false);
-    let result = load::closed_loop(&sink, pool.clone(), c, warmup, window, &probe).await.map_err(|e| e.to_string())?;
-    reused += pool.reused();
-    drop(pool);
-    phase_summary("closed loop", &result);
-    let stored = count_and_purge(control, &names.baseline, result.accepted).await?;
-    let baseline_closed = Measured { result, rate_asked: None, stored };
+    let baseline_ramp = ramp(settings, &sink, &secret, nowhere, &probe, control, &names.baseline).await?;
     // The relay's open-loop rate: both open loops get the same offered load.
-    let rate = ingest_open.rate_asked.unwrap_or(1.0);
-    let pool = build_pool(&secret, nowhere, (rate * 12.0) as usize + 1000, false);
-    let result = load::open_loop(&sink, pool.clone(), rate, c, Duration::from_secs(1), window, &probe).await.map_err(|e| e.to_string())?;
-    reused += pool.reused();
-    drop(pool);
-    phase_summary(&format!("open loop at {rate:.0}/s"), &result);
-    let stored = settled_depth(control, &names.baseline, result.accepted).await?;
-    let baseline_open = Measured { result, rate_asked: Some(rate), stored };
+    let (baseline_closed, baseline_open) =
+        closed_then_open(settings, &sink, &secret, nowhere, &probe, control, &names.baseline, baseline_ramp.concurrency, ingest_open.rate_asked, &mut reused).await?;
     let _ = connection.close(200, "baseline done".into()).await;
     let _ = control.queue_delete(names.baseline.as_str().into(), QueueDeleteOptions::default()).await;
     println!("  (baseline phase took {:.1} s)", phase_started.elapsed().as_secs_f64());
@@ -432,12 +467,9 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
 
     Ok(Report {
         body_bytes: Pool::build(&secret, addr, 1).body_len(),
-        concurrency,
         concurrency_chosen: settings.concurrency.is_none(),
-        ramp_stored,
-        ramp_lost,
-        ramp_accepted,
-        ramp,
+        ingest_ramp,
+        baseline_ramp,
         ingest_closed,
         ingest_open,
         baseline_closed,
@@ -475,7 +507,7 @@ fn mib(kib: u64) -> f64 {
 impl Report {
     /// Prints the table and the verdicts; the summary line comes last.
     fn print(&self, settings: &Settings) -> ExitCode {
-        let c = self.concurrency;
+        let (c, baseline_c) = (self.ingest_ramp.concurrency, self.baseline_ramp.concurrency);
         let secs = settings.window.as_secs();
         let worker_bound = settings.fetch_concurrency as f64 / FETCH_DELAY.as_secs_f64();
         let w = &self.worker;
@@ -486,8 +518,8 @@ impl Report {
             settings.warmup.as_secs()
         );
         if self.concurrency_chosen {
-            let steps: Vec<String> = self.ramp.iter().map(|(c, r)| format!("{c} → {:.0}/s", r.rate)).collect();
-            println!("Concurrency {c}: the smallest step within 5 % of the best in a ramp of 3 s steps ({}).", steps.join(", "));
+            println!("Concurrency: the smallest step within 5 % of the best in the same ramp of 3 s closed-loop steps for each:");
+            println!("  relay {c} ({}); baseline {baseline_c} ({}).", self.ingest_ramp.describe(), self.baseline_ramp.describe());
         } else {
             println!("Concurrency {c}: set by BENCH_CONCURRENCY.");
         }
@@ -495,7 +527,7 @@ impl Report {
         println!();
         println!("| phase | load | accepted/s | p50 ms | p99 ms | p99.9 ms | max ms | not accepted | relay CPU | broker CPU | generator CPU | other CPU |");
         println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-        let row = |phase: &str, m: &Measured| {
+        let row = |phase: &str, m: &Measured, c: usize| {
             let r = &m.result;
             let load = match m.rate_asked {
                 None => format!("closed, {c} in flight"),
@@ -512,10 +544,10 @@ impl Report {
                 cpu_cells(&r.cpu),
             );
         };
-        row("relay ingest, HTTP → verify → quorum inbox", &self.ingest_closed);
-        row("relay ingest, HTTP → verify → quorum inbox", &self.ingest_open);
-        row("baseline, lapin → quorum queue", &self.baseline_closed);
-        row("baseline, lapin → quorum queue", &self.baseline_open);
+        row("relay ingest, HTTP → verify → quorum inbox", &self.ingest_closed, c);
+        row("relay ingest, HTTP → verify → quorum inbox", &self.ingest_open, c);
+        row("baseline, lapin → quorum queue", &self.baseline_closed, baseline_c);
+        row("baseline, lapin → quorum queue", &self.baseline_open, baseline_c);
         let worker_row = |phase: &str, w: &WorkerResult| {
             println!(
                 "| {phase} | {} deliveries, {} at a time | {:.0} | – | – | – | – | {} | {} |",
@@ -555,22 +587,21 @@ impl Report {
             self.baseline_open.result.send_lag_p99_us as f64 / 1000.0,
             self.baseline_open.result.send_lag_max_us as f64 / 1000.0
         );
-        let ingest_lost = self.ramp_lost + self.ingest_closed.lost() + self.ingest_open.lost();
+        let ingest = [&self.ingest_closed, &self.ingest_open];
+        let ingest_lost = self.ingest_ramp.drained.missing + ingest.iter().map(|m| m.drained.missing).sum::<u64>();
+        let baseline_lost = self.baseline_ramp.drained.missing + self.baseline_closed.drained.missing + self.baseline_open.drained.missing;
         let worker_lost = [w, &self.worker_fast, &self.worker_baseline].iter().map(|w| (w.events - w.published) as u64).sum::<u64>();
         let gateway_lost = (g.requests - g.terminal) as u64;
         let lost = ingest_lost + worker_lost + gateway_lost;
+        let held = |accepted: u64, drained: &Drained| format!("{accepted} / {} / {}", drained.stored, drained.missing);
         println!(
-            "Accounting: relay 2xx / inbox depth: ramp {} / {}, closed {} / {}, open {} / {}; baseline confirms / queue depth: closed {} / {}, open {} / {}; worker published {} of {} deliveries ({} duplicates), {} left in its inbox; gateway terminal replies {} of {} requests ({} queued replies, {} duplicate POSTs, {} webhooks); ids re-sent because a pool ran out: {}.",
-            self.ramp_accepted,
-            self.ramp_stored,
-            self.ingest_closed.result.accepted,
-            self.ingest_closed.stored,
-            self.ingest_open.result.accepted,
-            self.ingest_open.stored,
-            self.baseline_closed.result.accepted,
-            self.baseline_closed.stored,
-            self.baseline_open.result.accepted,
-            self.baseline_open.stored,
+            "Accounting, per id (accepted / held by the queue / accepted ids it did not hold): relay ramp {}, closed {}, open {}; baseline ramp {}, closed {}, open {}; worker published {} of {} deliveries ({} duplicates), {} left in its inbox; gateway terminal replies {} of {} requests ({} queued replies, {} duplicate POSTs, {} webhooks); ids re-sent because a pool ran out: {}.",
+            held(self.ingest_ramp.accepted(), &self.ingest_ramp.drained),
+            held(self.ingest_closed.result.accepted, &self.ingest_closed.drained),
+            held(self.ingest_open.result.accepted, &self.ingest_open.drained),
+            held(self.baseline_ramp.accepted(), &self.baseline_ramp.drained),
+            held(self.baseline_closed.result.accepted, &self.baseline_closed.drained),
+            held(self.baseline_open.result.accepted, &self.baseline_open.drained),
             w.published,
             w.events,
             w.duplicates,
@@ -582,6 +613,9 @@ impl Report {
             g.webhooks,
             self.reused
         );
+        if baseline_lost > 0 {
+            println!("WARNING: the broker lost {baseline_lost} confirmed baseline publishes; RabbitMQ itself is misbehaving, so no figure of this run is meaningful.");
+        }
         let others = [&self.ingest_closed, &self.ingest_open, &self.baseline_closed, &self.baseline_open]
             .iter()
             .flat_map(|m| m.result.cpu.iter())
@@ -606,6 +640,8 @@ impl Report {
         let rss_mb = mib(self.receiver_rss_kib.max(w.rss_kib));
         // The relay's CPU per delivery it accepted in the closed loop's window.
         let relay_us = cpu_cores(&self.ingest_closed.result.cpu, "relay") / ingest_rps.max(1.0) * 1e6;
+        // The floor under it: what lapin alone costs the generator per confirmed publish.
+        let lapin_us = cpu_cores(&self.baseline_closed.result.cpu, "generator") / baseline_rps.max(1.0) * 1e6;
         let (fast, raw) = (&self.worker_fast, &self.worker_baseline);
         let worker_ratio = if raw.eps > 0.0 { fast.eps / raw.eps } else { 0.0 };
         let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
@@ -624,7 +660,7 @@ impl Report {
         println!("lost={lost}");
         let gateway_ratio = if g.baseline_rps > 0.0 { g.rps / g.baseline_rps } else { 0.0 };
         println!(
-            "ingest_rps={ingest_rps:.0} baseline_rps={baseline_rps:.0} ratio={ratio:.3} relay_us_per_delivery={relay_us:.1} p50_ms={p50:.2} p99_ms={p99:.2} worker_eps={:.0} worker_bound_eps={worker_bound:.0} worker_fast_eps={:.0} worker_baseline_eps={:.0} worker_ratio={worker_ratio:.3} worker_us_per_event={:.1} rss_mb={:.0} gateway_rps={:.0} gateway_baseline_rps={:.0} gateway_ratio={gateway_ratio:.3}",
+            "ingest_rps={ingest_rps:.0} baseline_rps={baseline_rps:.0} ratio={ratio:.3} concurrency={c} baseline_concurrency={baseline_c} relay_us_per_delivery={relay_us:.1} baseline_us_per_publish={lapin_us:.1} p50_ms={p50:.2} p99_ms={p99:.2} worker_eps={:.0} worker_bound_eps={worker_bound:.0} worker_fast_eps={:.0} worker_baseline_eps={:.0} worker_ratio={worker_ratio:.3} worker_us_per_event={:.1} rss_mb={:.0} gateway_rps={:.0} gateway_baseline_rps={:.0} gateway_ratio={gateway_ratio:.3}",
             w.eps,
             fast.eps,
             raw.eps,

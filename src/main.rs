@@ -30,6 +30,6 @@ async fn main() -> ExitCode {
 async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.validate()?;
     // Dropped on the way out, after the app stopped: exports the last spans.
-    let _telemetry = telemetry::init(config.args.log_format)?;
+    let _telemetry = telemetry::init(config.args.log_format, "info")?;
     App::build(config).await?.run_until(shutdown::signal()).await
 }

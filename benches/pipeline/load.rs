@@ -292,6 +292,9 @@ pub struct PhaseResult {
     pub accepted: u64,
     pub rejected: u64,
     pub failed: u64,
+    /// The `webhook-id` of every accepted delivery (warm-up and stragglers included), each of
+    /// which must be found in the queue afterwards.
+    pub accepted_ids: Vec<String>,
     /// Open loop: how late the generator sent, at the 99th percentile (µs).
     pub send_lag_p99_us: u32,
     /// Open loop: the longest such delay (µs), i.e. the longest stall of the whole pipeline.
@@ -363,28 +366,34 @@ pub async fn closed_loop(
         .map(|mut session| {
             let (pool, tally) = (pool.clone(), tally.clone());
             tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(1 << 16);
+                let (mut latencies, mut ids) = (Vec::with_capacity(1 << 16), Vec::with_capacity(1 << 16));
                 loop {
                     let sent = Instant::now();
                     if sent >= until {
                         break;
                     }
-                    let outcome = session.send(pool.take()).await;
+                    let delivery = pool.take();
+                    let outcome = session.send(delivery).await;
                     let done = Instant::now();
                     tally.count(outcome);
-                    if outcome == Outcome::Accepted && done >= from && done < until {
-                        tally.in_window.fetch_add(1, Ordering::Relaxed);
-                        latencies.push(micros(done - sent));
+                    if outcome == Outcome::Accepted {
+                        ids.push(delivery.id().to_owned());
+                        if done >= from && done < until {
+                            tally.in_window.fetch_add(1, Ordering::Relaxed);
+                            latencies.push(micros(done - sent));
+                        }
                     }
                 }
-                latencies
+                (latencies, ids)
             })
         })
         .collect();
     let cpu = probe.measure_between(from, until).await;
-    let mut latencies_us = Vec::new();
+    let (mut latencies_us, mut accepted_ids) = (Vec::new(), Vec::new());
     for task in tasks {
-        latencies_us.extend(task.await.expect("load task"));
+        let (l, i) = task.await.expect("load task");
+        latencies_us.extend(l);
+        accepted_ids.extend(i);
     }
     latencies_us.sort_unstable();
     Ok(PhaseResult {
@@ -393,6 +402,7 @@ pub async fn closed_loop(
         accepted: tally.accepted.load(Ordering::Relaxed),
         rejected: tally.rejected.load(Ordering::Relaxed),
         failed: tally.failed.load(Ordering::Relaxed),
+        accepted_ids,
         send_lag_p99_us: 0,
         send_lag_max_us: 0,
         cpu,
@@ -425,6 +435,7 @@ pub async fn open_loop(
             tokio::spawn(async move {
                 let mut latencies = Vec::with_capacity(1 << 14);
                 let mut lags = Vec::with_capacity(1 << 14);
+                let mut ids = Vec::with_capacity(1 << 14);
                 loop {
                     let slot = slots.fetch_add(1, Ordering::Relaxed);
                     if slot >= total {
@@ -433,9 +444,13 @@ pub async fn open_loop(
                     let scheduled = start + interval.mul_f64(slot as f64);
                     tokio::time::sleep_until(scheduled.into()).await;
                     let sent = Instant::now();
-                    let outcome = session.send(pool.take()).await;
+                    let delivery = pool.take();
+                    let outcome = session.send(delivery).await;
                     let done = Instant::now();
                     tally.count(outcome);
+                    if outcome == Outcome::Accepted {
+                        ids.push(delivery.id().to_owned());
+                    }
                     if scheduled >= from && scheduled < until {
                         lags.push(micros(sent - scheduled));
                         if outcome == Outcome::Accepted {
@@ -444,16 +459,17 @@ pub async fn open_loop(
                         }
                     }
                 }
-                (latencies, lags)
+                (latencies, lags, ids)
             })
         })
         .collect();
     let cpu = probe.measure_between(from, until).await;
-    let (mut latencies_us, mut lags) = (Vec::new(), Vec::new());
+    let (mut latencies_us, mut lags, mut accepted_ids) = (Vec::new(), Vec::new(), Vec::new());
     for task in tasks {
-        let (l, g) = task.await.expect("load task");
+        let (l, g, i) = task.await.expect("load task");
         latencies_us.extend(l);
         lags.extend(g);
+        accepted_ids.extend(i);
     }
     latencies_us.sort_unstable();
     lags.sort_unstable();
@@ -463,6 +479,7 @@ pub async fn open_loop(
         accepted: tally.accepted.load(Ordering::Relaxed),
         rejected: tally.rejected.load(Ordering::Relaxed),
         failed: tally.failed.load(Ordering::Relaxed),
+        accepted_ids,
         send_lag_p99_us: percentile(&lags, 99.0),
         send_lag_max_us: lags.last().copied().unwrap_or(0),
         cpu,

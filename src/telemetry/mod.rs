@@ -53,7 +53,7 @@ impl Drop for Telemetry {
     }
 }
 
-/// Installs the global subscriber once; `RUST_LOG` filters the logs (default `info`). With
+/// Installs the global subscriber once; `RUST_LOG` filters the logs (default `default_filter`). With
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` set, the relay's own
 /// spans at info level and above also go to the OpenTelemetry layer, whatever `RUST_LOG`
 /// says: production runs `RUST_LOG=warn`, and its traces must still have every span.
@@ -61,9 +61,9 @@ impl Drop for Telemetry {
 /// lapin's own logs are off unless `RUST_LOG` names lapin: the broker supervisor reports
 /// every connection failure itself, and lapin logs a returned message with its whole body
 /// (a CloudEvent), which must not reach the logs.
-pub fn init(format: LogFormat) -> anyhow::Result<Telemetry> {
+pub fn init(format: LogFormat, default_filter: &str) -> anyhow::Result<Telemetry> {
     let provider = tracer_provider()?;
-    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| default_filter.to_owned());
     let mut filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     if !directives.contains("lapin") {
         filter = filter.add_directive("lapin=off".parse().expect("static directive"));

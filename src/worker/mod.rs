@@ -217,12 +217,8 @@ impl Worker {
             // The receiver checked this; only a message put into the inbox by hand gets here.
             Err(e) => return Disposition::Dead(failure(None, "invalid_envelope", e.to_string(), None)),
         };
-        let span = Span::current();
-        span.record("event_id", envelope.id.as_str());
-        span.record("event_type", envelope.kind.as_str());
-        if let Some(subject) = envelope.subject() {
-            span.record("object_id", subject);
-        }
+        // In one call: the JSON log format re-serializes a span's fields on every record.
+        tracing::record_all!(Span::current(), event_id = envelope.id.as_str(), event_type = envelope.kind.as_str(), object_id = envelope.subject());
         let Some(settings) = self.projects.get(&project) else {
             // The receivers know a project this worker does not: a deployment mistake that an
             // operator fixes, like a wrong key; retried, then dead-lettered.
