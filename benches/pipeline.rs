@@ -587,9 +587,9 @@ impl Report {
             self.baseline_open.result.send_lag_p99_us as f64 / 1000.0,
             self.baseline_open.result.send_lag_max_us as f64 / 1000.0
         );
-        let ingest = [&self.ingest_closed, &self.ingest_open];
-        let ingest_lost = self.ingest_ramp.drained.missing + ingest.iter().map(|m| m.drained.missing).sum::<u64>();
-        let baseline_lost = self.baseline_ramp.drained.missing + self.baseline_closed.drained.missing + self.baseline_open.drained.missing;
+        let missing = |ramp: &Ramp, closed: &Measured, open: &Measured| ramp.drained.missing + closed.drained.missing + open.drained.missing;
+        let ingest_lost = missing(&self.ingest_ramp, &self.ingest_closed, &self.ingest_open);
+        let baseline_lost = missing(&self.baseline_ramp, &self.baseline_closed, &self.baseline_open);
         let worker_lost = [w, &self.worker_fast, &self.worker_baseline].iter().map(|w| (w.events - w.published) as u64).sum::<u64>();
         let gateway_lost = (g.requests - g.terminal) as u64;
         let lost = ingest_lost + worker_lost + gateway_lost;

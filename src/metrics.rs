@@ -65,6 +65,7 @@ pub struct Metrics {
     pub settle_failures: Family<Labels, Counter>,
     /// Deliveries whose handling panicked; each was dead-lettered with the panic message.
     pub panics: Counter,
+    /// Deliveries whose handling hung past the worker's time limit; each was retried.
     pub abandoned: Counter,
     /// Queues in use under the arguments of an older version (not yet rebuilt).
     pub queues_outdated: Gauge,

@@ -80,10 +80,16 @@ async fn handle(
     let settings = state.projects.get(&project).ok_or(ApiError::UnknownProject)?;
     let verified = settings.verifier.verify(headers, body, unix_now())?;
     let envelope = Envelope::parse(verified.body());
-    // In one call: the JSON log format re-serializes a span's fields on every record.
-    let span = Span::current();
-    let (event_id, event_type) = envelope.as_ref().map_or((None, None), |e| (Some(e.id.as_str()), Some(e.kind.as_str())));
-    tracing::record_all!(span, webhook_id = verified.id(), event_id, event_type, object_id = envelope.as_ref().ok().and_then(Envelope::subject));
+    // In one call: the JSON log format re-serializes a span's fields on every record. The
+    // webhook id goes on the span even when the envelope is refused.
+    let (span, parsed) = (Span::current(), envelope.as_ref().ok());
+    tracing::record_all!(
+        span,
+        webhook_id = verified.id(),
+        event_id = parsed.map(|e| e.id.as_str()),
+        event_type = parsed.map(|e| e.kind.as_str()),
+        object_id = parsed.and_then(Envelope::subject)
+    );
     let envelope = envelope?;
 
     let traceparent = headers.get(HEADER_TRACEPARENT).and_then(|v| v.to_str().ok());

@@ -221,7 +221,8 @@ impl Worker {
             Err(e) => return Disposition::Dead(failure(None, "invalid_envelope", e.to_string(), None)),
         };
         // In one call: the JSON log format re-serializes a span's fields on every record.
-        tracing::record_all!(Span::current(), event_id = envelope.id.as_str(), event_type = envelope.kind.as_str(), object_id = envelope.subject());
+        let span = Span::current();
+        tracing::record_all!(span, event_id = envelope.id.as_str(), event_type = envelope.kind.as_str(), object_id = envelope.subject());
         let Some(settings) = self.projects.get(&project) else {
             // The receivers know a project this worker does not: a deployment mistake that an
             // operator fixes, like a wrong key; retried, then dead-lettered.
