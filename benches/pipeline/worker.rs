@@ -4,6 +4,7 @@
 //! (consume → publish persistent, mandatory, confirmed → ack, same prefetch and concurrency).
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,6 +48,17 @@ struct FakeApi {
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
     first: Mutex<Option<Instant>>,
+}
+
+impl FakeApi {
+    /// Serves the fake API on a free local port, in this process.
+    async fn serve(delay: Duration) -> Result<(Arc<Self>, SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>), String> {
+        let api = Arc::new(Self { delay, requests: AtomicU64::new(0), in_flight: AtomicU64::new(0), max_in_flight: AtomicU64::new(0), first: Mutex::new(None) });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let app = Router::new().route("/v1/{*rest}", get(fake_fetch)).with_state(api.clone());
+        Ok((api, addr, tokio::spawn(async move { axum::serve(listener, app).await })))
+    }
 }
 
 async fn fake_fetch(State(api): State<Arc<FakeApi>>, Path(rest): Path<String>) -> axum::response::Response {
@@ -148,11 +160,7 @@ pub async fn relay(
     let collector = collect(&connection, &topology.exchange, n).await?;
     prefill(&connection, &topology.inbox, n, secret).await?;
 
-    let api = Arc::new(FakeApi { delay, requests: AtomicU64::new(0), in_flight: AtomicU64::new(0), max_in_flight: AtomicU64::new(0), first: Mutex::new(None) });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-    let api_addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let app = Router::new().route("/v1/{*rest}", get(fake_fetch)).with_state(api.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (api, api_addr, server) = FakeApi::serve(delay).await?;
 
     let mut env = env.to_vec();
     env.push(("OPENAI_BASE_URL", format!("http://{api_addr}/v1")));
@@ -204,13 +212,23 @@ pub async fn relay(
 
 /// Raw lapin doing the worker's broker work on the same deliveries: consume (prefetch twice
 /// the concurrency, as the relay), publish each body with its properties to a topic exchange
-/// (persistent, mandatory, confirmed), then ack; `concurrency` at a time.
-pub async fn baseline(amqp_url: &str, control: &Channel, topology: &Topology, secret: &Secret, n: usize, concurrency: usize, generator: &CpuProbe) -> Result<WorkerResult, String> {
-    println!("  baseline (raw lapin consume → publish → ack), {n} deliveries, {concurrency} at a time");
+/// (persistent, mandatory, confirmed), then ack; `concurrency` at a time. With `fetch`, each
+/// delivery first GETs an object from the same fake API as the relay's fast run (in this
+/// process, answering at once, over one keep-alive reqwest client) and publishes that
+/// instead: the least any worker that fetches costs, with none of the relay's own work.
+#[allow(clippy::too_many_arguments)]
+pub async fn baseline(amqp_url: &str, control: &Channel, topology: &Topology, secret: &Secret, n: usize, concurrency: usize, fetch: bool, generator: &CpuProbe) -> Result<WorkerResult, String> {
+    let what = if fetch { "consume → fetch → publish → ack" } else { "consume → publish → ack" };
+    println!("  baseline (raw lapin {what}), {n} deliveries, {concurrency} at a time");
     topology.declare(control).await.map_err(|e| format!("declaring the baseline topology: {e}"))?;
     let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await.map_err(|e| e.to_string())?;
     let collector = collect(&connection, &topology.exchange, n).await?;
     prefill(&connection, &topology.inbox, n, secret).await?;
+    let api = match fetch {
+        true => Some(FakeApi::serve(Duration::ZERO).await?),
+        false => None,
+    };
+    let objects = api.as_ref().map(|(_, addr, _)| (reqwest::Client::new(), format!("http://{addr}/v1/responses/")));
     let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
     channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
     channel.basic_qos((concurrency * 2) as u16, BasicQosOptions::default()).await.map_err(|e| e.to_string())?;
@@ -219,11 +237,24 @@ pub async fn baseline(amqp_url: &str, control: &Channel, topology: &Topology, se
     let consumer = channel.basic_consume(topology.inbox.as_str().into(), "bench-baseline".into(), BasicConsumeOptions::default(), FieldTable::default()).await.map_err(|e| e.to_string())?;
     let exchange = topology.exchange.clone();
     let worker = tokio::spawn(consumer.for_each_concurrent(concurrency, move |delivery| {
-        let (channel, exchange) = (channel.clone(), exchange.clone());
+        let (channel, exchange, objects) = (channel.clone(), exchange.clone(), objects.clone());
         async move {
             let Ok(delivery) = delivery else { return };
+            let body = match objects {
+                None => delivery.data.clone(),
+                Some((http, url)) => {
+                    let id = delivery.properties.message_id().as_ref().map_or("", |id| id.as_str());
+                    let fetched = match http.get(format!("{url}{id}")).send().await {
+                        Ok(response) => response.bytes().await,
+                        Err(e) => Err(e),
+                    };
+                    // Unacked, it stays in the inbox and the missing event fails the run.
+                    let Ok(object) = fetched else { return };
+                    object.to_vec()
+                }
+            };
             let options = BasicPublishOptions { mandatory: true, ..Default::default() };
-            let published = channel.basic_publish(exchange.as_str().into(), "response.completed".into(), options, &delivery.data, delivery.properties.clone()).await;
+            let published = channel.basic_publish(exchange.as_str().into(), "response.completed".into(), options, &body, delivery.properties.clone()).await;
             if let Ok(confirm) = published
                 && matches!(confirm.await, Ok(Confirmation::Ack(None)))
             {
@@ -234,6 +265,9 @@ pub async fn baseline(amqp_url: &str, control: &Channel, topology: &Topology, se
     let collected = tokio::time::timeout(Duration::from_secs(300), collector).await;
     let cpu = generator.finish(window);
     worker.abort();
+    if let Some((_, _, server)) = api {
+        server.abort();
+    }
     let (published, total, last) = collected.map_err(|_| format!("the baseline did not publish all {n} events in 300 s"))?.map_err(|e| e.to_string())?;
     let last = last.unwrap_or_else(Instant::now);
     tokio::time::sleep(Duration::from_millis(500)).await;
