@@ -30,8 +30,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 pub async fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     // Human-readable logs in a terminal, unless a format was asked for.
     let format_chosen = std::env::var_os("RELAY_LOG_FORMAT").is_some() || std::env::args().any(|a| a.starts_with("--log-format"));
-    // Each delivery's "stored in the inbox" too (debug in production), to watch the loop work.
-    let _telemetry = telemetry::init(if format_chosen { args.log_format } else { LogFormat::Pretty }, "info,openai_webhook_relay::http::receive=debug");
+    // Each delivery's "stored in the inbox" and "event published" too (debug in production),
+    // to watch the loop work.
+    let _telemetry = telemetry::init(if format_chosen { args.log_format } else { LogFormat::Pretty }, "info,openai_webhook_relay::http::receive=debug,openai_webhook_relay::worker=debug");
     let exe = executable();
     println!("openai-webhook-relay dev: the whole loop on this machine; Ctrl-C stops everything");
 

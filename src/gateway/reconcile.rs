@@ -13,6 +13,7 @@
 use std::time::Duration;
 
 use lapin::BasicProperties;
+use futures::FutureExt;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 use tracing::Span;
@@ -81,7 +82,7 @@ pub(crate) async fn process(worker: &Worker, delivery: &Delivery, project: Optio
     let since = int_header(properties, HEADER_WATCH_SINCE).unwrap_or_else(unix_now);
     let last = int_header(properties, HEADER_WATCH_DELAY_MS).map_or(Duration::from_secs(1), |ms| Duration::from_millis(ms.max(1).unsigned_abs()));
     let look = look(worker, settings, &response_id, project.as_deref(), since, last);
-    match claimed(worker.dedup.store(), &terminal_key(&response_id), look, &worker.metrics).await {
+    match claimed(worker.dedup.store(), &terminal_key(&response_id), look.boxed(), &worker.metrics).await {
         Disposition::Duplicate => {
             // The webhook path (or an earlier watch) published the terminal event.
             worker.metrics.watches.get_or_create(&label("outcome", "webhook_first")).inc();

@@ -11,6 +11,7 @@
 //! or a redelivery (with Redis, after a crash) replies without a second POST. The one window
 //! left is a crash between OpenAI's answer and that record.
 
+use futures::FutureExt;
 use lapin::message::Delivery;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -81,11 +82,11 @@ pub(crate) async fn process(worker: &Worker, delivery: &Delivery, project: Optio
     let key = format!("request/{}/{message_id}", request.project.as_deref().unwrap_or_default());
     let disposition = match header(properties, HEADER_ACTION).unwrap_or("create") {
         "create" => match prepare(&delivery.data, message_id, request.reply.as_ref()) {
-            Ok(body) => claimed(worker.dedup.store(), &key, create(worker, &request, settings, &key, body, attempt), &worker.metrics).await,
+            Ok(body) => claimed(worker.dedup.store(), &key, create(worker, &request, settings, &key, body, attempt).boxed(), &worker.metrics).await,
             Err(refusal) => refuse(worker, &request, refusal).await,
         },
         "cancel" => match cancel_target(&delivery.data) {
-            Ok(id) => claimed(worker.dedup.store(), &key, cancel(worker, &request, settings, &id, attempt), &worker.metrics).await,
+            Ok(id) => claimed(worker.dedup.store(), &key, cancel(worker, &request, settings, &id, attempt).boxed(), &worker.metrics).await,
             Err(refusal) => refuse(worker, &request, refusal).await,
         },
         other => refuse(worker, &request, Refusal::relay("unknown_action", format!("openai-action {other:?}: use create or cancel"))).await,

@@ -19,6 +19,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use secrecy::SecretString;
 use lapin::message::Delivery;
@@ -33,7 +34,7 @@ pub use dedup::{Claim, Dedup, Held, Store};
 use retry::{Failure, RetryPolicy};
 
 use crate::broker::{Broker, Link, PublishError};
-use crate::envelope::{self, Envelope, ObjectKind};
+use crate::envelope::{self, Envelope, EnvelopeError, ObjectKind};
 use crate::gateway::reply;
 use crate::fetch::{ApiClient, Fetched};
 use crate::inbox::{HEADER_ATTEMPTS, HEADER_PROJECT, HEADER_TRACEPARENT, header, int_header};
@@ -166,34 +167,37 @@ impl Worker {
         let properties = &delivery.properties;
         let project = header(properties, HEADER_PROJECT).map(str::to_owned);
         let used = u32::try_from(int_header(properties, HEADER_ATTEMPTS).unwrap_or(0)).unwrap_or(0);
-        let span = match lane {
+        let project_name = project.as_deref().unwrap_or("default");
+        // Each handling boxed: the task's future is moved on spawn and into every wrapper,
+        // and unboxed it was kilobytes (the fetch and publish within), a memmove that was an
+        // eighth of the worker's CPU.
+        let (span, work): (Span, BoxFuture<'_, Disposition>) = match lane {
             // Warn level, so that the ids stay on every warning and error at `RUST_LOG=warn`.
-            // Also the trace's consumer span, continuing the trace of the inbox store.
+            // Also the trace's consumer span, continuing the trace of the inbox store. Made
+            // once the envelope is parsed, with every field at once: the JSON log format
+            // re-serializes a span's fields on every later record.
             Lane::Inbox => {
-                let webhook_id = header(properties, HEADER_ID).unwrap_or("");
+                let envelope = Envelope::parse(&delivery.data);
+                let event = envelope.as_ref().ok();
+                let webhook_id = header(properties, HEADER_ID);
                 let queue = &self.topology.inbox;
-                let span = tracing::warn_span!("deliver", otel.kind = telemetry::otel(|| "consumer"), otel.name = telemetry::otel(|| format!("process {queue}")), project = project.as_deref().unwrap_or("default"), webhook_id, event_id = tracing::field::Empty, event_type = tracing::field::Empty, object_id = tracing::field::Empty, attempt = used + 1);
+                let span = tracing::warn_span!("deliver", otel.kind = telemetry::otel(|| "consumer"), otel.name = telemetry::otel(|| format!("process {queue}")), project = project_name, webhook_id = webhook_id.unwrap_or(""), event_id = event.map(|e| e.id.as_str()), event_type = event.map(|e| e.kind.as_str()), object_id = event.and_then(Envelope::subject), attempt = used + 1);
                 telemetry::consumer(&span, queue, &delivery);
-                span
+                (span, self.process(&delivery, envelope, project, webhook_id).boxed())
             }
             Lane::Requests | Lane::Watch => {
                 let message_id = properties.message_id().as_ref().map_or("", |id| id.as_str());
-                tracing::warn_span!("gateway", ?lane, project = project.as_deref().unwrap_or("default"), message_id, response_id = tracing::field::Empty, attempt = used + 1)
+                let span = tracing::warn_span!("gateway", ?lane, project = project_name, message_id, response_id = tracing::field::Empty, attempt = used + 1);
+                let work = match lane {
+                    Lane::Requests => crate::gateway::request::process(&self, &delivery, project, used + 1).boxed(),
+                    _ => crate::gateway::reconcile::process(&self, &delivery, project).boxed(),
+                };
+                (span, work)
             }
         };
-        async move {
+        async {
             // A panic is this delivery's failure, not the process's: it is dead-lettered with
             // the panic message, and its dedup claim is released on the way (see `process`).
-            // Each stage on the heap: the task's future is moved on spawn and into every
-            // wrapper, and unboxed it was tens of kilobytes (the largest state of the fetch and
-            // publish within), a memmove that was an eighth of the worker's CPU.
-            let work = async {
-                match lane {
-                    Lane::Inbox => Box::pin(self.process(&delivery, project, header(&delivery.properties, HEADER_ID))).await,
-                    Lane::Requests => Box::pin(crate::gateway::request::process(&self, &delivery, project, used + 1)).await,
-                    Lane::Watch => Box::pin(crate::gateway::reconcile::process(&self, &delivery, project)).await,
-                }
-            };
             let disposition = match tokio::time::timeout(self.handle_limit, isolated(work, &self.metrics)).await {
                 Ok(disposition) => disposition,
                 Err(_) => self.abandoned(),
@@ -214,15 +218,12 @@ impl Worker {
         Disposition::Retry(failure(None, "hung", message, None))
     }
 
-    async fn process(&self, delivery: &Delivery, project: Option<String>, webhook_id: Option<&str>) -> Disposition {
-        let envelope = match Envelope::parse(&delivery.data) {
+    async fn process(&self, delivery: &Delivery, envelope: Result<Envelope, EnvelopeError>, project: Option<String>, webhook_id: Option<&str>) -> Disposition {
+        let envelope = match envelope {
             Ok(envelope) => envelope,
             // The receiver checked this; only a message put into the inbox by hand gets here.
             Err(e) => return Disposition::Dead(failure(None, "invalid_envelope", e.to_string(), None)),
         };
-        // In one call: the JSON log format re-serializes a span's fields on every record.
-        let span = Span::current();
-        tracing::record_all!(span, event_id = envelope.id.as_str(), event_type = envelope.kind.as_str(), object_id = envelope.subject());
         let Some(settings) = self.projects.get(&project) else {
             // The receivers know a project this worker does not: a deployment mistake that an
             // operator fixes, like a wrong key; retried, then dead-lettered.
@@ -236,7 +237,7 @@ impl Worker {
             None => format!("{}/event:{}", project.as_deref().unwrap_or(""), envelope.id),
         };
         let work = self.enrich_and_publish(delivery, &envelope, project.as_deref(), settings, webhook_id);
-        claimed(self.dedup.store(), &key, work, &self.metrics).await
+        claimed(self.dedup.store(), &key, work.boxed(), &self.metrics).await
     }
 
     async fn enrich_and_publish(
@@ -291,14 +292,16 @@ impl Worker {
         let publish = async |reply: Option<&reply::ReplyTo>| match self.publisher.publish(envelope, context, &cloud_event, reply).await {
             Ok(()) => {
                 self.metrics.events_published.get_or_create(&label("enrichment", how)).inc();
-                tracing::info!(enrichment = how, "event published");
+                // Debug: with its span's fields, this line was a tenth of the worker's CPU, and
+                // `relay_events_published_total` counts what it would say.
+                tracing::debug!(enrichment = how, "event published");
                 Disposition::Published
             }
             Err(e) => publish_failed(e),
         };
         match origin {
             None => publish(None).await,
-            Some((id, origin)) => claimed(self.dedup.store(), &reply::terminal_key(id), publish(origin.reply.as_ref()), &self.metrics).await,
+            Some((id, origin)) => claimed(self.dedup.store(), &reply::terminal_key(id), publish(origin.reply.as_ref()).boxed(), &self.metrics).await,
         }
     }
 
@@ -404,8 +407,9 @@ pub(crate) fn publish_failed(e: PublishError) -> Disposition {
 
 /// Runs `work` under the dedup claim on `key`: only a published delivery completes the
 /// claim, anything else (a panic, or this future dropped, included) releases it, so that a
-/// later copy is handled.
-pub(crate) async fn claimed(store: Store<'_>, key: &str, work: impl Future<Output = Disposition>, metrics: &Metrics) -> Disposition {
+/// later copy is handled. `work` comes boxed: unboxed, it would be stored in this future
+/// and again in each wrapper within, and moved between them, kilobytes per delivery.
+pub(crate) async fn claimed(store: Store<'_>, key: &str, work: BoxFuture<'_, Disposition>, metrics: &Metrics) -> Disposition {
     match store.claim(key).await {
         Claim::Fresh => {}
         Claim::Duplicate => return Disposition::Duplicate,
@@ -448,7 +452,7 @@ mod tests {
         let memory = dedup::Memory::new(Duration::from_secs(60), 10);
         let metrics = Metrics::default();
         let store = Store::Memory(&memory);
-        let work = async { panic!("ShortString exceeds maximum length") };
+        let work = async { panic!("ShortString exceeds maximum length") }.boxed();
         match claimed(store, "p/wh_1", work, &metrics).await {
             Disposition::Dead(f) => {
                 assert_eq!(f.reason, "panic");
@@ -467,7 +471,7 @@ mod tests {
         let store = Store::Memory(&memory);
         // An outer claim with an inner one, like a terminal event under its webhook's claim,
         // whose work never ends: the worker's time limit drops it.
-        let hung = claimed(store, "p/wh_3", claimed(store, "terminal/resp_3", std::future::pending(), &metrics), &metrics);
+        let hung = claimed(store, "p/wh_3", claimed(store, "terminal/resp_3", std::future::pending().boxed(), &metrics).boxed(), &metrics);
         assert!(tokio::time::timeout(Duration::from_millis(20), hung).await.is_err());
         assert_eq!(store.claim("p/wh_3").await, Claim::Fresh, "the delivery's claim went with its handling");
         assert_eq!(store.claim("terminal/resp_3").await, Claim::Fresh, "and so did the nested one");
@@ -482,15 +486,15 @@ mod tests {
         let first = claimed(store, "p/wh_2", async move {
             let _ = held.await;
             Disposition::Published
-        }, &metrics);
+        }.boxed(), &metrics);
         let second = async {
-            let busy = claimed(store, "p/wh_2", async { Disposition::Published }, &metrics).await;
+            let busy = claimed(store, "p/wh_2", async { Disposition::Published }.boxed(), &metrics).await;
             release.send(()).unwrap();
             busy
         };
         let (first, second) = tokio::join!(first, second);
         assert!(matches!(second, Disposition::Busy), "a copy of a delivery in flight is not acked as a duplicate");
         assert!(matches!(first, Disposition::Published));
-        assert!(matches!(claimed(store, "p/wh_2", async { Disposition::Published }, &metrics).await, Disposition::Duplicate));
+        assert!(matches!(claimed(store, "p/wh_2", async { Disposition::Published }.boxed(), &metrics).await, Disposition::Duplicate));
     }
 }
