@@ -124,7 +124,7 @@ impl ApiClient {
     /// and a span costs the JSON log format a serialization of its fields.
     pub async fn fetch(&self, target: Target<'_>, key: &SecretString) -> Result<Fetched, FetchError> {
         let span = match telemetry::enabled() {
-            true => tracing::info_span!("fetch", otel.kind = "client", otel.name = "GET", object_id = target.id),
+            true => tracing::info_span!("fetch", otel.kind = "client", otel.name = "GET", object_id = target.id, status = tracing::field::Empty),
             false => tracing::Span::none(),
         };
         let started = Instant::now();
@@ -136,6 +136,7 @@ impl ApiClient {
             Err(e) => e.reason(),
         };
         if !span.is_disabled() {
+            span.record("status", status.as_str());
             let code = match &result {
                 Ok(Fetched::Object(_)) => Some(200),
                 Ok(Fetched::Gone { .. }) => Some(404),

@@ -1,7 +1,8 @@
 //! Phase 3: the worker draining a pre-filled inbox, twice: against a fake OpenAI API that
 //! answers after 100 ms (what the fetch concurrency bounds), and against one that answers at
 //! once (what the worker itself costs), next to raw lapin doing the same broker work
-//! (consume → publish persistent, mandatory, confirmed → ack, same prefetch and concurrency).
+//! (consume → publish persistent, mandatory, confirmed → ack, same prefetch and concurrency),
+//! without and with a fetch from the same fake API per delivery.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -243,6 +244,7 @@ pub async fn baseline(amqp_url: &str, control: &Channel, topology: &Topology, se
             let body = match objects {
                 None => delivery.data.clone(),
                 Some((http, url)) => {
+                    // The fake API answers any id; the message id saves parsing the body.
                     let id = delivery.properties.message_id().as_ref().map_or("", |id| id.as_str());
                     let fetched = match http.get(format!("{url}{id}")).send().await {
                         Ok(response) => response.bytes().await,

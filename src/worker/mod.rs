@@ -185,19 +185,12 @@ impl Worker {
                 telemetry::consumer(&span, queue, &delivery);
                 (span, self.process(&delivery, envelope, project, webhook_id).boxed())
             }
-            Lane::Requests | Lane::Watch => {
-                let message_id = properties.message_id().as_ref().map_or("", |id| id.as_str());
-                let span = tracing::warn_span!("gateway", ?lane, project = project_name, message_id, response_id = tracing::field::Empty, attempt = used + 1);
-                let work = match lane {
-                    Lane::Requests => crate::gateway::request::process(&self, &delivery, project, used + 1).boxed(),
-                    _ => crate::gateway::reconcile::process(&self, &delivery, project).boxed(),
-                };
-                (span, work)
-            }
+            Lane::Requests => (gateway_span(lane, &delivery, project_name, used), crate::gateway::request::process(&self, &delivery, project, used + 1).boxed()),
+            Lane::Watch => (gateway_span(lane, &delivery, project_name, used), crate::gateway::reconcile::process(&self, &delivery, project).boxed()),
         };
         async {
             // A panic is this delivery's failure, not the process's: it is dead-lettered with
-            // the panic message, and its dedup claim is released on the way (see `process`).
+            // the panic message, and its dedup claim is released on the way (see `claimed`).
             let disposition = match tokio::time::timeout(self.handle_limit, isolated(work, &self.metrics)).await {
                 Ok(disposition) => disposition,
                 Err(_) => self.abandoned(),
@@ -392,6 +385,12 @@ impl Worker {
         self.metrics.settle_failures.get_or_create(&label("op", op)).inc();
         tracing::warn!(op, %error, "inbox settle did not reach the broker; the message will be redelivered");
     }
+}
+
+/// The span of a gateway message's handling; warn level like the inbox's `deliver`.
+fn gateway_span(lane: Lane, delivery: &Delivery, project: &str, used: u32) -> Span {
+    let message_id = delivery.properties.message_id().as_ref().map_or("", |id| id.as_str());
+    tracing::warn_span!("gateway", ?lane, project, message_id, response_id = tracing::field::Empty, attempt = used + 1)
 }
 
 /// What a failed publish of an event means for its delivery.

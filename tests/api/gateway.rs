@@ -291,7 +291,9 @@ async fn a_response_whose_webhook_never_comes_is_published_by_the_safety_net() {
 
 #[tokio::test]
 async fn a_terminal_event_the_webhook_brought_is_not_published_again_by_the_safety_net() {
-    let relay = spawn_gateway(Options::default().arg("--reconcile-after-secs", 1)).await;
+    // The webhook must come first: 3 s leave it room while the whole suite shares two cores
+    // (at 1 s the safety net once got there first, which is right but not this test's case).
+    let relay = spawn_gateway(Options::default().arg("--reconcile-after-secs", 3)).await;
     let events = relay.bind("response.completed").await;
     let replies = reply_queue(&relay).await;
     publish(&relay, Request::create("rq-both-paths", &replies, json!({"model": "gpt-test", "input": "x"}))).await;
