@@ -119,14 +119,9 @@ impl ApiClient {
         url
     }
 
-    /// One attempt with the project's API `key`. With spans exported, its span is the
-    /// trace's HTTP client span; otherwise there is none: no log line is made within it,
-    /// and a span costs the JSON log format a serialization of its fields.
+    /// One attempt with the project's API `key`, in the trace's HTTP client span.
     pub async fn fetch(&self, target: Target<'_>, key: &SecretString) -> Result<Fetched, FetchError> {
-        let span = match telemetry::enabled() {
-            true => tracing::info_span!("fetch", otel.kind = "client", otel.name = "GET", object_id = target.id, status = tracing::field::Empty),
-            false => tracing::Span::none(),
-        };
+        let span = telemetry::client(target.id);
         let started = Instant::now();
         let result = self.attempt(target, key).instrument(span.clone()).await;
         let kind = target.kind.field();

@@ -17,7 +17,7 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-pub use spans::{HttpHeaders, consumer, continue_trace, otel, producer, responded, traceparent, with_trace_context};
+pub use spans::{HttpHeaders, client, consumer, continue_trace, otel, producer, responded, traceparent, with_trace_context};
 
 use crate::config::LogFormat;
 

@@ -107,6 +107,16 @@ pub fn producer(exchange: &str, routing_key: &str, message_id: &str) -> Span {
     span
 }
 
+/// The client span of one fetch of `object_id` from the OpenAI API, a child of the current
+/// span; disabled when spans are not exported: no log line is made within it, and a span
+/// costs the JSON log format a serialization of its fields.
+pub fn client(object_id: &str) -> Span {
+    if !enabled() {
+        return Span::none();
+    }
+    tracing::info_span!("fetch", otel.kind = "client", otel.name = "GET", object_id, status = tracing::field::Empty)
+}
+
 /// `properties` with `span`'s trace context in its headers (`traceparent`, and `tracestate`
 /// when the trace has one), in place of any copied from elsewhere: whoever consumes the
 /// message continues the trace from the publish. Unchanged for a disabled span.
