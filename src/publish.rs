@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
-use serde_json::value::RawValue;
 use tracing::Instrument;
 
 use crate::broker::{Broker, Outgoing, PublishError};
@@ -22,7 +21,7 @@ use crate::envelope::Envelope;
 use crate::gateway::reply::{ReplyTo, routed};
 use crate::inbox::{HEADER_PROJECT, HEADER_TRACEPARENT, PERSISTENT};
 use crate::metrics::Metrics;
-use crate::normalize::{HEADER_METADATA_PREFIX, metadata};
+use crate::normalize::{HEADER_METADATA_PREFIX, metadata_headers};
 use crate::telemetry;
 use crate::verify::HEADER_ID;
 
@@ -45,8 +44,8 @@ pub struct Context<'a> {
     pub project: Option<&'a str>,
     /// The webhook request's, copied; with traces exported, the publish's own span replaces it.
     pub traceparent: Option<&'a str>,
-    /// The fetched object, whose `metadata` becomes headers.
-    pub object: Option<&'a RawValue>,
+    /// The fetched object's `metadata` pairs ([`crate::normalize::Object`]), which become headers.
+    pub metadata: &'a [(String, String)],
 }
 
 impl EventPublisher {
@@ -101,8 +100,8 @@ pub fn properties(envelope: &Envelope, context: Context<'_>) -> BasicProperties 
     if let Some(tp) = context.traceparent {
         headers.insert(HEADER_TRACEPARENT.into(), AMQPValue::LongString(tp.into()));
     }
-    for (key, value) in context.object.map(metadata).unwrap_or_default() {
-        headers.insert(format!("{HEADER_METADATA_PREFIX}{key}").into(), AMQPValue::LongString(value.into()));
+    for (key, value) in metadata_headers(context.metadata) {
+        headers.insert(format!("{HEADER_METADATA_PREFIX}{key}").into(), AMQPValue::LongString(value.as_str().into()));
     }
     BasicProperties::default()
         .with_delivery_mode(PERSISTENT)

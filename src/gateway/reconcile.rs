@@ -25,6 +25,7 @@ use crate::envelope::{ObjectKind, Target};
 use crate::fetch::Fetched;
 use crate::inbox::{HEADER_PROJECT, PERSISTENT, header, int_header, unix_now};
 use crate::metrics::label;
+use crate::normalize::Object;
 use crate::topology::delay_queue;
 use crate::worker::{Disposition, Worker, WorkerProject, claimed, failure, publish_failed};
 
@@ -124,11 +125,12 @@ async fn look(worker: &Worker, settings: &WorkerProject, response_id: &str, proj
             Err(e) => publish_failed(e),
         };
     }
-    let made = match Made::reconciled(&settings.source, response_id, &status, &object) {
+    let response = Object::read(ObjectKind::Response, &object);
+    let made = match Made::reconciled(&settings.source, response_id, &status, &response) {
         Ok(made) => made,
         Err(e) => return Disposition::Dead(failure(None, "normalize", e.to_string(), None)),
     };
-    let reply = Origin::of(&object).and_then(|origin| origin.reply);
+    let reply = Origin::of(&response).and_then(|origin| origin.reply);
     match made.publish(worker, project, reply.as_ref(), true).await {
         Ok(()) => {
             worker.metrics.watches.get_or_create(&label("outcome", "reconciled")).inc();

@@ -7,11 +7,9 @@
 //! event the safety net found). A reply copy carries the exchange copy's properties plus
 //! `correlation_id`; a reply queue that does not exist is counted, not retried.
 
-use std::collections::HashMap;
-
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -21,7 +19,7 @@ use super::{META_CORRELATION_ID, META_REPLY_TO, META_REQUEST_ID};
 use crate::broker::{Broker, MAX_SHORT_STRING, Outgoing, PublishError};
 use crate::inbox::{HEADER_PROJECT, PERSISTENT, unix_now};
 use crate::metrics::{Metrics, label};
-use crate::normalize::{CloudEvent, output_text};
+use crate::normalize::{CloudEvent, Object};
 use crate::publish::CONTENT_TYPE;
 use crate::worker::Worker;
 
@@ -43,16 +41,10 @@ impl Origin {
     /// `None` for a response not created through the gateway (no `relay_request_id`).
     /// Values that cannot be an AMQP short string (a queue name, a correlation id) are
     /// ignored: lapin would panic on them.
-    pub fn of(response: &RawValue) -> Option<Self> {
-        #[derive(Deserialize)]
-        struct Response {
-            #[serde(default)]
-            metadata: Option<HashMap<String, serde_json::Value>>,
-        }
-        let metadata = serde_json::from_str::<Response>(response.get()).ok()?.metadata?;
+    pub fn of(response: &Object<'_>) -> Option<Self> {
         let text = |key: &str| {
-            let value = metadata.get(key)?.as_str()?;
-            (!value.is_empty() && value.len() <= MAX_SHORT_STRING).then(|| value.to_owned())
+            let (_, value) = response.metadata.iter().find(|(k, _)| k == key)?;
+            (!value.is_empty() && value.len() <= MAX_SHORT_STRING).then(|| value.clone())
         };
         let request_id = text(META_REQUEST_ID)?;
         let reply = text(META_REPLY_TO).map(|queue| ReplyTo { queue, correlation_id: text(META_CORRELATION_ID) });
@@ -152,13 +144,13 @@ impl Made {
 
     /// A terminal event the safety net found: `response.<status>`, with the fetched response
     /// and its `output_text` as the webhook path has them.
-    pub fn reconciled(source: &str, response_id: &str, status: &str, response: &RawValue) -> Result<Self, serde_json::Error> {
+    pub fn reconciled(source: &str, response_id: &str, status: &str, response: &Object<'_>) -> Result<Self, serde_json::Error> {
         #[derive(Serialize)]
         struct Data<'a> {
             response: &'a RawValue,
-            output_text: Option<String>,
+            output_text: &'a Option<String>,
         }
-        let data = Data { response, output_text: output_text(response) };
+        let data = Data { response: response.raw, output_text: &response.output_text };
         Self::build(format!("reconciled_{response_id}"), &format!("response.{status}"), Some(response_id), source, data)
     }
 
@@ -236,6 +228,7 @@ fn short_id(id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::ObjectKind;
 
     fn raw(text: &str) -> Box<RawValue> {
         RawValue::from_string(text.to_owned()).unwrap()
@@ -243,15 +236,16 @@ mod tests {
 
     #[test]
     fn the_origin_comes_from_the_relay_keys_of_the_metadata() {
-        let response = raw(r#"{"id":"resp_1","metadata":{"relay_request_id":"rq-1","relay_reply_to":"replies","relay_correlation_id":"c-9","mine":"x"}}"#);
+        let origin = |text: &str| Origin::of(&Object::read(ObjectKind::Response, &raw(text)));
+        let response = r#"{"id":"resp_1","metadata":{"relay_request_id":"rq-1","relay_reply_to":"replies","relay_correlation_id":"c-9","mine":"x"}}"#;
         let reply = Some(ReplyTo { queue: "replies".into(), correlation_id: Some("c-9".into()) });
-        assert_eq!(Origin::of(&response), Some(Origin { request_id: "rq-1".into(), reply }));
-        assert_eq!(Origin::of(&raw(r#"{"id":"resp_1","metadata":{"relay_request_id":"rq-1"}}"#)).unwrap().reply, None);
-        assert_eq!(Origin::of(&raw(r#"{"id":"resp_1","metadata":{"mine":"x"}}"#)), None, "not created through the gateway");
-        assert_eq!(Origin::of(&raw(r#"{"id":"resp_1","metadata":null}"#)), None);
+        assert_eq!(origin(response), Some(Origin { request_id: "rq-1".into(), reply }));
+        assert_eq!(origin(r#"{"id":"resp_1","metadata":{"relay_request_id":"rq-1"}}"#).unwrap().reply, None);
+        assert_eq!(origin(r#"{"id":"resp_1","metadata":{"mine":"x"}}"#), None, "not created through the gateway");
+        assert_eq!(origin(r#"{"id":"resp_1","metadata":null}"#), None);
         let long = "q".repeat(300);
-        let response = raw(&format!(r#"{{"metadata":{{"relay_request_id":"rq","relay_reply_to":"{long}"}}}}"#));
-        assert_eq!(Origin::of(&response).unwrap().reply, None, "no queue name lapin would panic on");
+        let response = format!(r#"{{"metadata":{{"relay_request_id":"rq","relay_reply_to":"{long}"}}}}"#);
+        assert_eq!(origin(&response).unwrap().reply, None, "no queue name lapin would panic on");
     }
 
     #[test]

@@ -93,7 +93,7 @@ async fn handle(
     let envelope = envelope?;
 
     let traceparent = headers.get(HEADER_TRACEPARENT).and_then(|v| v.to_str().ok());
-    let context = Context { webhook_id: Some(verified.id()), project: project.as_deref(), traceparent, object: None };
+    let context = Context { webhook_id: Some(verified.id()), project: project.as_deref(), traceparent, metadata: &[] };
     if envelope.is_incoming_call() && publish_call(state, &settings.source, &verified, &envelope, context).await? {
         tracing::info!("incoming call published");
         return Ok(Json(Stored { status: "published", webhook_id: verified.id().to_owned() }));

@@ -34,8 +34,8 @@ fn normalize_with(event: &str, enrichment: Enrichment<'_>) -> Vec<u8> {
     normalize(&envelope, raw_event, SOURCE, enrichment, None).expect("normalizes")
 }
 
-fn object(kind: ObjectKind, text: &str) -> Enrichment<'_> {
-    Enrichment::Object(kind, serde_json::from_str::<&RawValue>(text).expect("fixture object is JSON"))
+fn fetched(kind: ObjectKind, text: &str) -> Object<'_> {
+    Object::read(kind, serde_json::from_str::<&RawValue>(text).expect("fixture object is JSON"))
 }
 
 fn parse(bytes: &[u8]) -> Value {
@@ -76,7 +76,7 @@ fn assert_envelope_attributes(out: &Value, event: &str, subject: &str, time: &st
 
 #[test]
 fn a_completed_response_becomes_a_cloudevent_with_the_response_and_its_output_text() {
-    let bytes = normalize_with(webhook::RESPONSE_COMPLETED, object(ObjectKind::Response, object::RESP_COMPLETED));
+    let bytes = normalize_with(webhook::RESPONSE_COMPLETED, Enrichment::Object(&fetched(ObjectKind::Response, object::RESP_COMPLETED)));
     let out = parse(&bytes);
 
     assert_envelope_attributes(&out, webhook::RESPONSE_COMPLETED, "resp_completed01", "2025-08-27T14:55:31Z");
@@ -91,7 +91,7 @@ fn a_completed_response_becomes_a_cloudevent_with_the_response_and_its_output_te
 
 #[test]
 fn output_text_is_only_the_message_text_not_reasoning_summaries_or_tool_arguments() {
-    let out = parse(&normalize_with(webhook::RESPONSE_COMPLETED, object(ObjectKind::Response, object::RESP_COMPLETED)));
+    let out = parse(&normalize_with(webhook::RESPONSE_COMPLETED, Enrichment::Object(&fetched(ObjectKind::Response, object::RESP_COMPLETED))));
     let output_text = out["data"]["output_text"].as_str().unwrap();
     assert!(!output_text.contains("Planning the answer"), "reasoning summary leaked: {output_text}");
     assert!(!output_text.contains("\"city\""), "function arguments leaked: {output_text}");
@@ -99,7 +99,7 @@ fn output_text_is_only_the_message_text_not_reasoning_summaries_or_tool_argument
 
 #[test]
 fn a_failed_response_carries_its_error_and_a_null_output_text() {
-    let out = parse(&normalize_with(webhook::RESPONSE_FAILED, object(ObjectKind::Response, object::RESP_FAILED)));
+    let out = parse(&normalize_with(webhook::RESPONSE_FAILED, Enrichment::Object(&fetched(ObjectKind::Response, object::RESP_FAILED))));
 
     assert_envelope_attributes(&out, webhook::RESPONSE_FAILED, "resp_failed01", "2025-08-27T14:56:38Z");
     assert_eq!(out["type"], "com.openai.response.failed");
@@ -111,7 +111,7 @@ fn a_failed_response_carries_its_error_and_a_null_output_text() {
 
 #[test]
 fn a_cancelled_response_has_a_null_output_text() {
-    let out = parse(&normalize_with(webhook::RESPONSE_CANCELLED, object(ObjectKind::Response, object::RESP_CANCELLED)));
+    let out = parse(&normalize_with(webhook::RESPONSE_CANCELLED, Enrichment::Object(&fetched(ObjectKind::Response, object::RESP_CANCELLED))));
 
     assert_envelope_attributes(&out, webhook::RESPONSE_CANCELLED, "resp_cancelled01", "2025-08-27T14:56:51Z");
     assert_eq!(out["type"], "com.openai.response.cancelled");
@@ -123,7 +123,7 @@ fn a_cancelled_response_has_a_null_output_text() {
 
 #[test]
 fn an_incomplete_response_has_the_partial_text_as_output_text() {
-    let out = parse(&normalize_with(webhook::RESPONSE_INCOMPLETE, object(ObjectKind::Response, object::RESP_INCOMPLETE)));
+    let out = parse(&normalize_with(webhook::RESPONSE_INCOMPLETE, Enrichment::Object(&fetched(ObjectKind::Response, object::RESP_INCOMPLETE))));
 
     assert_envelope_attributes(&out, webhook::RESPONSE_INCOMPLETE, "resp_incomplete01", "2025-08-27T14:57:52Z");
     assert_eq!(out["type"], "com.openai.response.incomplete");
@@ -139,7 +139,7 @@ fn an_incomplete_response_has_the_partial_text_as_output_text() {
 fn a_response_whose_only_message_is_a_refusal_has_a_null_output_text() {
     // No fixture event for this one: it arrives as an ordinary response.completed.
     let event = r#"{"id":"evt_68af1d10a1b2819090c1d2e3f4a5b6c7","object":"event","created_at":1756306704,"type":"response.completed","data":{"id":"resp_refusal01"}}"#;
-    let out = parse(&normalize_with(event, object(ObjectKind::Response, object::RESP_REFUSAL)));
+    let out = parse(&normalize_with(event, Enrichment::Object(&fetched(ObjectKind::Response, object::RESP_REFUSAL))));
 
     assert_envelope_attributes(&out, event, "resp_refusal01", "2025-08-27T14:58:24Z");
     assert_eq!(out["data"]["response"], fixture(object::RESP_REFUSAL));
@@ -149,7 +149,7 @@ fn a_response_whose_only_message_is_a_refusal_has_a_null_output_text() {
 
 #[test]
 fn a_completed_batch_sits_under_batch_without_output_text() {
-    let out = parse(&normalize_with(webhook::BATCH_COMPLETED, object(ObjectKind::Batch, object::BATCH_COMPLETED)));
+    let out = parse(&normalize_with(webhook::BATCH_COMPLETED, Enrichment::Object(&fetched(ObjectKind::Batch, object::BATCH_COMPLETED))));
 
     assert_envelope_attributes(&out, webhook::BATCH_COMPLETED, "batch_completed01", "2025-08-26T18:15:05Z");
     assert_eq!(out["type"], "com.openai.batch.completed");
@@ -160,7 +160,7 @@ fn a_completed_batch_sits_under_batch_without_output_text() {
 
 #[test]
 fn a_succeeded_fine_tuning_job_sits_under_fine_tuning_job_without_output_text() {
-    let out = parse(&normalize_with(webhook::FT_SUCCEEDED, object(ObjectKind::FineTuningJob, object::FT_SUCCEEDED)));
+    let out = parse(&normalize_with(webhook::FT_SUCCEEDED, Enrichment::Object(&fetched(ObjectKind::FineTuningJob, object::FT_SUCCEEDED))));
 
     assert_envelope_attributes(&out, webhook::FT_SUCCEEDED, "ftjob_succeeded01", "2025-08-26T16:05:18Z");
     assert_eq!(out["type"], "com.openai.fine_tuning.job.succeeded");
@@ -180,7 +180,7 @@ fn every_object_fixture_is_embedded_byte_for_byte_in_its_pretty_printed_form() {
         (webhook::FT_SUCCEEDED, ObjectKind::FineTuningJob, object::FT_SUCCEEDED),
     ];
     for (event, kind, body) in cases {
-        let bytes = normalize_with(event, object(kind, body));
+        let bytes = normalize_with(event, Enrichment::Object(&fetched(kind, body)));
         let out = text(&bytes);
         assert!(out.contains(&format!(r#""event":{}"#, event.trim())), "envelope not verbatim for {kind:?}");
         assert!(out.contains(&format!(r#""{}":{}"#, kind.field(), body.trim())), "object not verbatim for {kind:?}");
@@ -191,7 +191,7 @@ fn every_object_fixture_is_embedded_byte_for_byte_in_its_pretty_printed_form() {
 fn the_envelope_and_object_are_embedded_as_received_not_re_serialized() {
     let event = r#"{ "type" : "response.completed","id":"evt_odd",   "created_at":1756306531 , "data":{"id":  "resp_x"}, "extra": 1.50 }"#;
     let body = r#"{"id":  "resp_x" ,"output":[] , "temperature": 1.0, "metadata" : {"b":"é\u00e9","a":null}}"#;
-    let bytes = normalize_with(event, object(ObjectKind::Response, body));
+    let bytes = normalize_with(event, Enrichment::Object(&fetched(ObjectKind::Response, body)));
     let out = text(&bytes);
 
     assert!(out.contains(&format!(r#""event":{event}"#)), "envelope re-serialized: {out}");
@@ -293,7 +293,7 @@ fn a_five_megabyte_response_passes_through_with_its_full_output_text() {
     assert!(body.len() > 5 * 1024 * 1024, "body is {} bytes", body.len());
     let event = r#"{"id":"evt_large01","object":"event","created_at":1756306531,"type":"response.completed","data":{"id":"resp_large01"}}"#;
 
-    let bytes = normalize_with(event, object(ObjectKind::Response, &body));
+    let bytes = normalize_with(event, Enrichment::Object(&fetched(ObjectKind::Response, &body)));
     assert!(text(&bytes).contains(&format!(r#""response":{body}"#)), "large object not verbatim");
 
     let out = parse(&bytes);
@@ -311,8 +311,7 @@ fn output_text_skips_non_message_items_whatever_their_content_looks_like() {
         {"type":"function_call","call_id":"call_1","name":"f","arguments":"{}"},
         {"type":"message","id":"msg_2","role":"assistant","status":"completed","content":[{"type":"refusal","refusal":"no"},{"type":"output_text","text":"B","annotations":[]}]}
     ]}"#;
-    let raw_body: &RawValue = serde_json::from_str(body).unwrap();
-    assert_eq!(output_text(raw_body).as_deref(), Some("AB"));
+    assert_eq!(fetched(ObjectKind::Response, body).output_text.as_deref(), Some("AB"));
 }
 
 #[test]
@@ -322,8 +321,7 @@ fn output_text_is_none_for_tool_calls_only_or_no_output() {
         r#"{"output":[]}"#,
         r#"{"id":"resp_1"}"#,
     ] {
-        let raw_body: &RawValue = serde_json::from_str(body).unwrap();
-        assert_eq!(output_text(raw_body), None, "{body}");
+        assert_eq!(fetched(ObjectKind::Response, body).output_text, None, "{body}");
     }
 }
 
@@ -331,7 +329,7 @@ fn output_text_is_none_for_tool_calls_only_or_no_output() {
 fn the_documented_example_event_is_exactly_what_normalize_produces() {
     // fixtures/events/response.completed.json is the full example README.md points to.
     const EXAMPLE: &str = include_str!("../../fixtures/events/response.completed.json");
-    let out = normalize_with(webhook::RESPONSE_COMPLETED, object(ObjectKind::Response, object::RESP_COMPLETED));
+    let out = normalize_with(webhook::RESPONSE_COMPLETED, Enrichment::Object(&fetched(ObjectKind::Response, object::RESP_COMPLETED)));
     if std::env::var_os("RELAY_WRITE_EXAMPLE").is_some() {
         let pretty = serde_json::to_string_pretty(&parse(&out)).unwrap();
         std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/events/response.completed.json"), pretty + "\n").unwrap();
@@ -341,25 +339,37 @@ fn the_documented_example_event_is_exactly_what_normalize_produces() {
 
 #[test]
 fn metadata_keeps_the_string_pairs_within_openais_limits() {
-    let raw = |text: &str| RawValue::from_string(text.to_owned()).unwrap();
-    let completed = metadata(&raw(object::RESP_COMPLETED));
+    let metadata = |text: &str| metadata_headers(&fetched(ObjectKind::Response, text).metadata).cloned().collect::<Vec<_>>();
+    let completed = metadata(object::RESP_COMPLETED);
     assert_eq!(completed, [("job".to_owned(), "umbrella-check".to_owned()), ("tenant".to_owned(), "acme".to_owned())]);
 
     let long_key = "k".repeat(65);
     let long_value = "v".repeat(513);
     let body = json!({"metadata": {"n": 1, "null": null, "nested": {"a": "b"}, long_key: "x", "long": long_value, "é": "ü", "ok": ""}});
-    assert_eq!(metadata(&raw(&body.to_string())), [("ok".to_owned(), String::new()), ("é".to_owned(), "ü".to_owned())]);
+    assert_eq!(metadata(&body.to_string()), [("ok".to_owned(), String::new()), ("é".to_owned(), "ü".to_owned())]);
 
     let many: serde_json::Map<String, Value> = (0..20).map(|i| (format!("k{i:02}"), json!("v"))).collect();
-    assert_eq!(metadata(&raw(&json!({"metadata": many}).to_string())).len(), 16);
+    assert_eq!(metadata(&json!({"metadata": many}).to_string()).len(), 16);
     // 60 characters, 240 bytes: within OpenAI's limit, but no AMQP header name after the prefix.
     let wide_key = "😀".repeat(60);
-    assert_eq!(metadata(&raw(&json!({"metadata": {wide_key: "x", "k": "v"}}).to_string())), [("k".to_owned(), "v".to_owned())]);
+    assert_eq!(metadata(&json!({"metadata": {wide_key: "x", "k": "v"}}).to_string()), [("k".to_owned(), "v".to_owned())]);
     // 512 four-byte characters a value: three such pairs fill the headers' byte budget.
     let wide: serde_json::Map<String, Value> = (0..16).map(|i| (format!("k{i:02}"), json!("😀".repeat(512)))).collect();
-    let kept = metadata(&raw(&json!({"metadata": wide}).to_string()));
+    let kept = metadata(&json!({"metadata": wide}).to_string());
     assert_eq!(kept.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["k00", "k01", "k02"]);
     for absent in [r#"{"id":"x"}"#, r#"{"metadata":null}"#, r#"{"metadata":[1]}"#, "[]"] {
-        assert!(metadata(&raw(absent)).is_empty(), "{absent}");
+        assert!(metadata(absent).is_empty(), "{absent}");
     }
+}
+
+#[test]
+fn one_field_of_an_unexpected_shape_does_not_hide_the_other() {
+    let text = r#"{"output":[{"type":"message","content":[{"type":"output_text","text":"A"}]}],"metadata":[1]}"#;
+    let odd_metadata = fetched(ObjectKind::Response, text);
+    assert_eq!((odd_metadata.output_text.as_deref(), odd_metadata.metadata.len()), (Some("A"), 0));
+    let odd_output = fetched(ObjectKind::Response, r#"{"output":"text","metadata":{"k":"v","n":1}}"#);
+    assert_eq!(odd_output.output_text, None);
+    assert_eq!(odd_output.metadata, [("k".to_owned(), "v".to_owned())]);
+    // Only a response has `output_text`, whatever another kind's object holds.
+    assert_eq!(fetched(ObjectKind::Batch, text).output_text, None);
 }

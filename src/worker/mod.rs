@@ -39,7 +39,7 @@ use crate::gateway::reply;
 use crate::fetch::{ApiClient, Fetched};
 use crate::inbox::{HEADER_ATTEMPTS, HEADER_PROJECT, HEADER_TRACEPARENT, header, int_header};
 use crate::metrics::{InFlight, Metrics, label};
-use crate::normalize::{Enrichment, normalize};
+use crate::normalize::{Enrichment, Object, normalize};
 use crate::publish::{Context, EventPublisher};
 use crate::telemetry;
 use crate::topology::Topology;
@@ -254,10 +254,14 @@ impl Worker {
                 Err(e) => return Disposition::Dead(failure(e.status(), &e.reason(), e.to_string(), None)),
             },
         };
-        let (enrichment, how) = match &fetched {
-            None => (Enrichment::None, "event_only"),
-            Some((kind, Fetched::Object(object))) => (Enrichment::Object(*kind, object), "object"),
-            Some((_, Fetched::Gone { message })) => (Enrichment::Gone { status: 404, message }, "gone"),
+        let object = match &fetched {
+            Some((kind, Fetched::Object(raw))) => Some(Object::read(*kind, raw)),
+            _ => None,
+        };
+        let (enrichment, how) = match (&fetched, &object) {
+            (_, Some(object)) => (Enrichment::Object(object), "object"),
+            (Some((_, Fetched::Gone { message })), _) => (Enrichment::Gone { status: 404, message }, "gone"),
+            _ => (Enrichment::None, "event_only"),
         };
         let cloud_event = match normalize(envelope, raw_event, &settings.source, enrichment, telemetry::traceparent(&Span::current()).as_deref()) {
             Ok(bytes) => bytes,
@@ -273,15 +277,12 @@ impl Worker {
         let traceparent = header(&delivery.properties, HEADER_TRACEPARENT);
         // A terminal event of a response created through the gateway: published once whichever
         // of the webhook and the safety net sees it first, and copied to its reply queue.
-        let origin = match (&fetched, envelope.subject()) {
-            (Some((ObjectKind::Response, Fetched::Object(object))), Some(id)) if reply::is_terminal(&envelope.kind) => reply::Origin::of(object).map(|o| (id, o)),
+        let origin = match (&object, envelope.subject()) {
+            (Some(object), Some(id)) if object.kind == ObjectKind::Response && reply::is_terminal(&envelope.kind) => reply::Origin::of(object).map(|o| (id, o)),
             _ => None,
         };
-        let object = match &fetched {
-            Some((_, Fetched::Object(object))) => Some(&**object),
-            _ => None,
-        };
-        let context = Context { webhook_id, project, traceparent, object };
+        let metadata = object.as_ref().map_or(&[][..], |object| &object.metadata);
+        let context = Context { webhook_id, project, traceparent, metadata };
         let publish = async |reply: Option<&reply::ReplyTo>| match self.publisher.publish(envelope, context, &cloud_event, reply).await {
             Ok(()) => {
                 self.metrics.events_published.get_or_create(&label("enrichment", how)).inc();
