@@ -2,6 +2,7 @@
 //! OTLP endpoint is configured, OpenTelemetry traces of each delivery (`spans` makes and
 //! links them; the README's "Traces" says which spans exist).
 
+mod json_fields;
 mod spans;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,7 +71,7 @@ pub fn init(format: LogFormat, default_filter: &str) -> anyhow::Result<Telemetry
     }
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs: Box<dyn Layer<Registry> + Send + Sync> = match format {
-        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).with_span_list(true).boxed(),
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).with_span_list(true).fmt_fields(json_fields::JsonFields).boxed(),
         LogFormat::Pretty => logs.boxed(),
     };
     let traces = provider.as_ref().map(|provider| {
