@@ -103,28 +103,28 @@ impl Visit for Visitor<'_> {
     }
 }
 
-/// `text` as a JSON string: the characters JSON does not allow raw escaped, the rest copied
-/// in runs.
+/// `text` as a JSON string: the bytes JSON does not allow raw escaped, the runs between them
+/// copied (a byte below 0x80 is a whole character, so every run is valid UTF-8).
 fn write_string(writer: &mut dyn Write, text: &str) -> fmt::Result {
     writer.write_char('"')?;
     let mut start = 0;
-    for (at, c) in text.char_indices() {
-        let escaped = match c {
-            '"' => "\\\"",
-            '\\' => "\\\\",
-            '\n' => "\\n",
-            '\r' => "\\r",
-            '\t' => "\\t",
-            c if c < ' ' => "",
+    for (at, byte) in text.bytes().enumerate() {
+        let escaped = match byte {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..0x20 => "",
             _ => continue,
         };
         writer.write_str(&text[start..at])?;
         if escaped.is_empty() {
-            write!(writer, "\\u{:04x}", c as u32)?;
+            write!(writer, "\\u{byte:04x}")?;
         } else {
             writer.write_str(escaped)?;
         }
-        start = at + c.len_utf8();
+        start = at + 1;
     }
     writer.write_str(&text[start..])?;
     writer.write_char('"')
