@@ -104,8 +104,9 @@ impl Serialize for Data<'_> {
 
 /// A fetched object and the few fields the relay reads from it, found in one pass: the
 /// CloudEvent's `output_text`, the `metadata` pairs that become headers, and the gateway's
-/// keys in that metadata. Reading them separately parsed the object three times, a tenth of
-/// the worker's instructions; the object itself is still embedded as received.
+/// keys in that metadata. Reading them separately parsed the object three times (callgrind of
+/// 3 000 events: `serde_json` went from 77 to 45 million instructions with one pass); the
+/// object itself is still embedded as received.
 #[derive(Debug)]
 pub struct Object<'a> {
     pub kind: ObjectKind,
@@ -193,9 +194,9 @@ const HEADER_NAME_BYTES: usize = 255;
 const METADATA_HEADER_BYTES: usize = 8 * 1024;
 
 /// The metadata pairs a published message carries as headers. Pairs outside OpenAI's limits
-/// (an empty or over-long key, an over-long value, a 17th pair) are left out rather than trusted, and so
-/// are those that would not fit an AMQP header name or the headers' byte budget, taken in
-/// key order.
+/// (an empty or over-long key, an over-long value, a 17th pair) are left out rather than
+/// trusted, and so are those that would not fit an AMQP header name or the headers' byte
+/// budget, taken in key order.
 pub fn metadata_headers(metadata: &[(String, String)]) -> impl Iterator<Item = &(String, String)> {
     let mut budget = METADATA_HEADER_BYTES;
     metadata
