@@ -225,10 +225,7 @@ pub async fn baseline(amqp_url: &str, control: &Channel, topology: &Topology, se
     let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await.map_err(|e| e.to_string())?;
     let collector = collect(&connection, &topology.exchange, n).await?;
     prefill(&connection, &topology.inbox, n, secret).await?;
-    let api = match fetch {
-        true => Some(FakeApi::serve(Duration::ZERO).await?),
-        false => None,
-    };
+    let api = if fetch { Some(FakeApi::serve(Duration::ZERO).await?) } else { None };
     let objects = api.as_ref().map(|(_, addr, _)| (reqwest::Client::new(), format!("http://{addr}/v1/responses/")));
     let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
     channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
