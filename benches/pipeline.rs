@@ -8,10 +8,13 @@
 //!    fixed half of that peak. After each, the inbox is drained and the id of every 2xx looked
 //!    up among what it held, so that each phase starts on an empty queue and a loss is
 //!    counted per delivery, not as a difference of totals;
-//! 2. baseline: raw lapin publishes of the same bodies with the same properties, persistent,
-//!    mandatory, to a quorum queue, each task awaiting its own confirm: the same ramp picks
-//!    its concurrency, then a closed loop, then an open loop at the relay's open-loop rate
-//!    (the same offered load), each drained and checked by id like the relay's;
+//! 2. baselines, each with the same ramp, then a closed loop, then an open loop at the relay's
+//!    open-loop rate (the same offered load), each drained and checked by id like the relay's:
+//!    - the bare receiver (`pipeline/bare.rs`): the same HTTP requests to the relay's accept
+//!      loop with a handler that only publishes and awaits the confirm, the floor under any
+//!      receiver built on axum and lapin;
+//!    - raw lapin publishes of the same bodies with the same properties, persistent,
+//!      mandatory, to a quorum queue, each task awaiting its own confirm;
 //! 3. worker: the release binary as `--role worker` draining a pre-filled inbox against a
 //!    fake OpenAI API (in this process) that answers after 100 ms (what the fetch concurrency
 //!    bounds), then one that answers at once (what the worker costs), counting the
@@ -33,6 +36,8 @@
 //! BENCH_QUIET_WAIT_SECS (60: how long to wait for other processes to leave the CPU before
 //! starting anyway).
 
+#[path = "pipeline/bare.rs"]
+mod bare;
 #[path = "../tests/support/deliveries.rs"]
 mod deliveries;
 #[path = "pipeline/gateway.rs"]
@@ -98,6 +103,10 @@ impl Settings {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.windows(2).any(|pair| pair[0] == "--role" && pair[1] == bare::ROLE) {
+        return bare::main();
+    }
     let settings = Settings::from_env();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.threads)
@@ -121,6 +130,7 @@ struct Names {
     worker_baseline: Topology,
     gateway: Topology,
     baseline: String,
+    bare: String,
 }
 
 async fn run(settings: Settings) -> Result<ExitCode, String> {
@@ -158,6 +168,7 @@ async fn run(settings: Settings) -> Result<ExitCode, String> {
         worker_baseline: Topology { exchange: format!("{tag}.wb.events"), inbox: format!("{tag}.wb.inbox"), requests: None },
         gateway: Topology { exchange: format!("{tag}.g.events"), inbox: format!("{tag}.g.inbox"), requests: Some(format!("{tag}.g.requests")) },
         baseline: format!("{tag}.baseline"),
+        bare: format!("{tag}.bare"),
         tag,
     };
     let result = phases(&settings, &binary, &channel, &names).await;
@@ -182,6 +193,7 @@ async fn cleanup(amqp_url: &str, names: &Names) {
     queues.extend(names.gateway.queues());
     queues.extend(gateway::extra_queues(&names.tag));
     queues.push(names.baseline.clone());
+    queues.push(names.bare.clone());
     for queue in queues {
         let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
     }
@@ -219,10 +231,14 @@ struct Report {
     concurrency_chosen: bool,
     ingest_ramp: Ramp,
     baseline_ramp: Ramp,
+    bare_ramp: Ramp,
     ingest_closed: Measured,
     ingest_open: Measured,
     baseline_closed: Measured,
     baseline_open: Measured,
+    bare_closed: Measured,
+    bare_open: Measured,
+    bare_rss_kib: u64,
     reused: usize,
     receiver_rss_kib: u64,
     worker: WorkerResult,
@@ -420,17 +436,30 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
     }
     println!("  (ingest phase took {:.1} s)", phase_started.elapsed().as_secs_f64());
 
-    // 2. Baseline: the broker alone, same bodies, same kind of queue, same generator design.
+    // 2. Baselines: the bare receiver (the relay's HTTP and broker work, nothing else), then
+    // the broker alone; same bodies, same kind of queue, same generator design.
     let phase_started = Instant::now();
-    println!("phase 2/4: baseline, raw lapin publishes to a quorum queue");
+    println!("phase 2/4: baselines, a bare axum + lapin receiver, then raw lapin publishes to a quorum queue");
     let connection = Connection::connect(&settings.amqp_url, ConnectionProperties::default()).await.map_err(|e| e.to_string())?;
     let publisher = connection.create_channel().await.map_err(|e| e.to_string())?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
-    let quorum = table([("x-queue-type", AMQPValue::LongString("quorum".into()))]);
-    publisher
-        .queue_declare(names.baseline.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, quorum)
-        .await
-        .map_err(|e| e.to_string())?;
+    for queue in [&names.bare, &names.baseline] {
+        let quorum = table([("x-queue-type", AMQPValue::LongString("quorum".into()))]);
+        publisher.queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, quorum).await.map_err(|e| e.to_string())?;
+    }
+    let bare_addr = procs::free_port();
+    let bare_env = [("AMQP_URL", settings.amqp_url.clone()), ("RELAY_INBOX_QUEUE", names.bare.clone())];
+    let this_bench = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut bare = RelayProcess::spawn(&this_bench, bare::ROLE, bare_addr, &bare_env)?;
+    bare.wait_ready(&http).await?;
+    let sink = Sink::Http(bare_addr);
+    let probe = CpuProbe::new().with("relay", vec![bare.pid().to_string()]).with("broker", broker.clone()).with("generator", me.clone());
+    let bare_ramp = ramp(settings, &sink, &secret, bare_addr, &probe, control, &names.bare).await?;
+    let (bare_closed, bare_open) =
+        closed_then_open(settings, &sink, &secret, bare_addr, &probe, control, &names.bare, bare_ramp.concurrency, ingest_open.rate_asked, &mut reused).await?;
+    let bare_rss_kib = bare.peak_rss_kib().unwrap_or(0);
+    bare.stop().await;
+    let _ = control.queue_delete(names.bare.as_str().into(), QueueDeleteOptions::default()).await;
     let sink = Sink::Amqp { channel: publisher.clone(), queue: names.baseline.as_str().into() };
     let probe = CpuProbe::new().with("broker", broker.clone()).with("generator", me.clone());
     let nowhere: SocketAddr = "127.0.0.1:9".parse().expect("address");
@@ -481,6 +510,10 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
         ingest_open,
         baseline_closed,
         baseline_open,
+        bare_ramp,
+        bare_closed,
+        bare_open,
+        bare_rss_kib,
         reused,
         receiver_rss_kib,
         worker,
@@ -527,7 +560,13 @@ impl Report {
         );
         if self.concurrency_chosen {
             println!("Concurrency: the smallest step within 5 % of the best in the same ramp of 3 s closed-loop steps for each:");
-            println!("  relay {c} ({}); baseline {baseline_c} ({}).", self.ingest_ramp.describe(), self.baseline_ramp.describe());
+            println!(
+                "  relay {c} ({}); bare receiver {} ({}); baseline {baseline_c} ({}).",
+                self.ingest_ramp.describe(),
+                self.bare_ramp.concurrency,
+                self.bare_ramp.describe(),
+                self.baseline_ramp.describe()
+            );
         } else {
             println!("Concurrency {c}: set by BENCH_CONCURRENCY.");
         }
@@ -554,6 +593,8 @@ impl Report {
         };
         row("relay ingest, HTTP → verify → quorum inbox", &self.ingest_closed, c);
         row("relay ingest, HTTP → verify → quorum inbox", &self.ingest_open, c);
+        row("bare receiver, HTTP → quorum queue (axum + lapin only)", &self.bare_closed, self.bare_ramp.concurrency);
+        row("bare receiver, HTTP → quorum queue (axum + lapin only)", &self.bare_open, self.bare_ramp.concurrency);
         row("baseline, lapin → quorum queue", &self.baseline_closed, baseline_c);
         row("baseline, lapin → quorum queue", &self.baseline_open, baseline_c);
         let worker_row = |phase: &str, w: &WorkerResult| {
@@ -598,16 +639,19 @@ impl Report {
         );
         let missing = |ramp: &Ramp, closed: &Measured, open: &Measured| ramp.drained.missing + closed.drained.missing + open.drained.missing;
         let ingest_lost = missing(&self.ingest_ramp, &self.ingest_closed, &self.ingest_open);
-        let baseline_lost = missing(&self.baseline_ramp, &self.baseline_closed, &self.baseline_open);
+        let baseline_lost = missing(&self.baseline_ramp, &self.baseline_closed, &self.baseline_open) + missing(&self.bare_ramp, &self.bare_closed, &self.bare_open);
         let worker_lost = [w, &self.worker_fast, &self.worker_baseline, &self.worker_fetch_baseline].iter().map(|w| (w.events - w.published) as u64).sum::<u64>();
         let gateway_lost = (g.requests - g.terminal) as u64;
         let lost = ingest_lost + worker_lost + gateway_lost;
         let held = |accepted: u64, drained: &Drained| format!("{accepted} / {} / {}", drained.stored, drained.missing);
         println!(
-            "Accounting, per id (accepted / held by the queue / accepted ids it did not hold): relay ramp {}, closed {}, open {}; baseline ramp {}, closed {}, open {}; worker published {} of {} deliveries ({} duplicates), {} left in its inbox; gateway terminal replies {} of {} requests ({} queued replies, {} duplicate POSTs, {} webhooks); ids re-sent because a pool ran out: {}.",
+            "Accounting, per id (accepted / held by the queue / accepted ids it did not hold): relay ramp {}, closed {}, open {}; bare receiver ramp {}, closed {}, open {}; baseline ramp {}, closed {}, open {}; worker published {} of {} deliveries ({} duplicates), {} left in its inbox; gateway terminal replies {} of {} requests ({} queued replies, {} duplicate POSTs, {} webhooks); ids re-sent because a pool ran out: {}.",
             held(self.ingest_ramp.accepted(), &self.ingest_ramp.drained),
             held(self.ingest_closed.result.accepted, &self.ingest_closed.drained),
             held(self.ingest_open.result.accepted, &self.ingest_open.drained),
+            held(self.bare_ramp.accepted(), &self.bare_ramp.drained),
+            held(self.bare_closed.result.accepted, &self.bare_closed.drained),
+            held(self.bare_open.result.accepted, &self.bare_open.drained),
             held(self.baseline_ramp.accepted(), &self.baseline_ramp.drained),
             held(self.baseline_closed.result.accepted, &self.baseline_closed.drained),
             held(self.baseline_open.result.accepted, &self.baseline_open.drained),
@@ -623,9 +667,9 @@ impl Report {
             self.reused
         );
         if baseline_lost > 0 {
-            println!("WARNING: the broker lost {baseline_lost} confirmed baseline publishes; RabbitMQ itself is misbehaving, so no figure of this run is meaningful.");
+            println!("WARNING: the broker lost {baseline_lost} confirmed publishes of the baselines; RabbitMQ itself is misbehaving, so no figure of this run is meaningful.");
         }
-        let others = [&self.ingest_closed, &self.ingest_open, &self.baseline_closed, &self.baseline_open]
+        let others = [&self.ingest_closed, &self.ingest_open, &self.bare_closed, &self.bare_open, &self.baseline_closed, &self.baseline_open]
             .iter()
             .flat_map(|m| m.result.cpu.iter())
             .chain(w.cpu.iter())
@@ -640,7 +684,12 @@ impl Report {
         if others > 0.15 {
             println!("WARNING: other processes used up to {others:.2} cores during a measured window; this run is disturbed, repeat it on a quiet machine.");
         }
-        println!("Peak RSS (VmHWM): receiver {:.1} MiB, worker {:.1} MiB.", mib(self.receiver_rss_kib), mib(w.rss_kib.max(self.worker_fast.rss_kib)));
+        println!(
+            "Peak RSS (VmHWM): receiver {:.1} MiB, worker {:.1} MiB, bare receiver {:.1} MiB.",
+            mib(self.receiver_rss_kib),
+            mib(w.rss_kib.max(self.worker_fast.rss_kib)),
+            mib(self.bare_rss_kib)
+        );
 
         let ingest_rps = self.ingest_closed.result.rate;
         let baseline_rps = self.baseline_closed.result.rate;
@@ -652,6 +701,11 @@ impl Report {
         let relay_us = cpu_cores(&self.ingest_closed.result.cpu, "relay") / ingest_rps.max(1.0) * 1e6;
         // The floor under it: what lapin alone costs the generator per confirmed publish.
         let lapin_us = cpu_cores(&self.baseline_closed.result.cpu, "generator") / baseline_rps.max(1.0) * 1e6;
+        // The same three figures for the bare receiver: what axum and lapin alone reach here.
+        let bare_rps = self.bare_closed.result.rate;
+        let bare_ratio = if baseline_rps > 0.0 { bare_rps / baseline_rps } else { 0.0 };
+        let bare_us = cpu_cores(&self.bare_closed.result.cpu, "relay") / bare_rps.max(1.0) * 1e6;
+        let bare_p99 = self.bare_open.result.percentile_ms(99.0);
         let (fast, raw) = (&self.worker_fast, &self.worker_baseline);
         let worker_ratio = if raw.eps > 0.0 { fast.eps / raw.eps } else { 0.0 };
         // The most a worker that fetches could reach of the baseline on this machine.
@@ -659,7 +713,7 @@ impl Report {
         let fetch_ceiling = if raw.eps > 0.0 { fetching.eps / raw.eps } else { 0.0 };
         let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
         println!(
-            "Targets: ratio {ratio:.3} >= 0.9 {}; relay {relay_us:.1} µs/delivery <= 10 {}; worker fast {worker_ratio:.3} of its baseline >= 0.8 {} (a raw worker that fetches reaches {fetch_ceiling:.3}); p99 {p99:.2} ms <= 5 {}; worker {:.0}/s >= {:.0} (0.9 x {:.0}) {}; RSS {rss_mb:.1} MiB <= 50 {}.",
+            "Targets: ratio {ratio:.3} >= 0.9 {} (bare receiver {bare_ratio:.3}); relay {relay_us:.1} µs/delivery <= 10 {} (bare receiver {bare_us:.1}); worker fast {worker_ratio:.3} of its baseline >= 0.8 {} (a raw worker that fetches reaches {fetch_ceiling:.3}); p99 {p99:.2} ms <= 5 {} (bare receiver {bare_p99:.2}); worker {:.0}/s >= {:.0} (0.9 x {:.0}) {}; RSS {rss_mb:.1} MiB <= 50 {}.",
             verdict(ratio >= 0.9),
             verdict(relay_us <= 10.0),
             verdict(worker_ratio >= 0.8),
@@ -673,7 +727,7 @@ impl Report {
         println!("lost={lost}");
         let gateway_ratio = if g.baseline_rps > 0.0 { g.rps / g.baseline_rps } else { 0.0 };
         println!(
-            "ingest_rps={ingest_rps:.0} baseline_rps={baseline_rps:.0} ratio={ratio:.3} concurrency={c} baseline_concurrency={baseline_c} relay_us_per_delivery={relay_us:.1} baseline_us_per_publish={lapin_us:.1} p50_ms={p50:.2} p99_ms={p99:.2} worker_eps={:.0} worker_bound_eps={worker_bound:.0} worker_fast_eps={:.0} worker_baseline_eps={:.0} worker_ratio={worker_ratio:.3} worker_fetch_baseline_eps={:.0} worker_fetch_ceiling={fetch_ceiling:.3} worker_us_per_event={:.1} rss_mb={:.0} gateway_rps={:.0} gateway_baseline_rps={:.0} gateway_ratio={gateway_ratio:.3}",
+            "ingest_rps={ingest_rps:.0} baseline_rps={baseline_rps:.0} ratio={ratio:.3} concurrency={c} baseline_concurrency={baseline_c} relay_us_per_delivery={relay_us:.1} baseline_us_per_publish={lapin_us:.1} p50_ms={p50:.2} p99_ms={p99:.2} bare_rps={bare_rps:.0} bare_ratio={bare_ratio:.3} bare_us_per_delivery={bare_us:.1} bare_p99_ms={bare_p99:.2} worker_eps={:.0} worker_bound_eps={worker_bound:.0} worker_fast_eps={:.0} worker_baseline_eps={:.0} worker_ratio={worker_ratio:.3} worker_fetch_baseline_eps={:.0} worker_fetch_ceiling={fetch_ceiling:.3} worker_us_per_event={:.1} rss_mb={:.0} gateway_rps={:.0} gateway_baseline_rps={:.0} gateway_ratio={gateway_ratio:.3}",
             w.eps,
             fast.eps,
             raw.eps,

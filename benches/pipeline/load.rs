@@ -175,26 +175,22 @@ impl Session {
                 Ok(_) => Outcome::Rejected,
                 Err(_) => Outcome::Failed,
             },
-            Self::Amqp { channel, queue } => {
-                let published = channel
-                    .basic_publish(
-                        "".into(),
-                        queue.as_ref().into(),
-                        BasicPublishOptions { mandatory: true, ..Default::default() },
-                        delivery.body(),
-                        delivery.amqp_properties(),
-                    )
-                    .await;
-                match published {
-                    Ok(confirm) => match confirm.await {
-                        Ok(Confirmation::Ack(None)) => Outcome::Accepted,
-                        Ok(_) => Outcome::Rejected,
-                        Err(_) => Outcome::Failed,
-                    },
-                    Err(_) => Outcome::Failed,
-                }
-            }
+            Self::Amqp { channel, queue } => publish_confirmed(channel, queue, delivery.body(), delivery.amqp_properties()).await,
         }
+    }
+}
+
+/// One persistent, mandatory publish to `queue` through the default exchange, awaiting its
+/// own confirm: the broker work of the baseline and of the bare receiver.
+pub async fn publish_confirmed(channel: &Channel, queue: &str, body: &[u8], properties: BasicProperties) -> Outcome {
+    let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+    match channel.basic_publish("".into(), queue.into(), options, body, properties).await {
+        Ok(confirm) => match confirm.await {
+            Ok(Confirmation::Ack(None)) => Outcome::Accepted,
+            Ok(_) => Outcome::Rejected,
+            Err(_) => Outcome::Failed,
+        },
+        Err(_) => Outcome::Failed,
     }
 }
 

@@ -35,7 +35,7 @@ pub fn free_port() -> SocketAddr {
     listener.local_addr().expect("local address")
 }
 
-/// A running relay process; killed when dropped.
+/// A running relay process (or the bench's bare receiver); killed when dropped.
 pub struct RelayProcess {
     child: Child,
     pub addr: SocketAddr,
