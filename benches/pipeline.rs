@@ -209,6 +209,50 @@ struct Measured {
     /// Open loop: the rate asked for.
     rate_asked: Option<f64>,
     drained: Drained,
+    /// Open loop of the relay: its own publish-to-confirm times meanwhile.
+    store: Option<StoreTimes>,
+}
+
+/// The relay's own publish-to-confirm times (`relay_inbox_store_seconds`, from its
+/// `/metrics`) over a phase: they tell a stall in the broker's confirms (and lapin) from
+/// one in the relay's HTTP side. Cumulative counts by bucket bound, in seconds.
+#[derive(Debug, Clone)]
+struct StoreTimes(Vec<(f64, u64)>);
+
+impl StoreTimes {
+    /// None where nothing serves the relay's metrics (the bare receiver, the baseline).
+    async fn scrape(addr: SocketAddr) -> Option<Self> {
+        let text = reqwest::get(format!("http://{addr}/metrics")).await.ok()?.text().await.ok()?;
+        let buckets: Vec<(f64, u64)> = text
+            .lines()
+            .filter_map(|line| {
+                let (bound, count) = line.strip_prefix("relay_inbox_store_seconds_bucket{le=\"")?.split_once("\"} ")?;
+                let bound = if bound == "+Inf" { f64::INFINITY } else { bound.parse().ok()? };
+                Some((bound, count.trim().parse().ok()?))
+            })
+            .collect();
+        (!buckets.is_empty()).then_some(Self(buckets))
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self(self.0.iter().zip(&before.0).map(|(&(bound, after), &(_, before))| (bound, after.saturating_sub(before))).collect())
+    }
+
+    fn total(&self) -> u64 {
+        self.0.last().map_or(0, |&(_, count)| count)
+    }
+
+    /// The bound (ms) of the bucket that holds the `p`-th percentile.
+    fn percentile_ms(&self, p: f64) -> f64 {
+        let rank = (p / 100.0 * self.total() as f64).ceil() as u64;
+        self.0.iter().find(|&&(_, count)| count >= rank.max(1)).map_or(0.0, |&(bound, _)| bound * 1000.0)
+    }
+
+    /// Publishes slower than the largest bound ≤ `ms`.
+    fn slower_than_ms(&self, ms: f64) -> (f64, u64) {
+        let (bound, within) = self.0.iter().rev().find(|&&(bound, _)| bound * 1000.0 <= ms).copied().unwrap_or((0.0, 0));
+        (bound * 1000.0, self.total() - within)
+    }
 }
 
 /// What a queue held after a phase, checked against the ids the phase had accepted.
@@ -386,15 +430,20 @@ async fn closed_then_open(
     drop(pool);
     phase_summary("closed loop", &result);
     let drained = drain(control, queue, &result.accepted_ids).await?;
-    let closed = Measured { result, rate_asked: None, drained };
+    let closed = Measured { result, rate_asked: None, drained, store: None };
     let rate = rate.unwrap_or((closed.result.rate / 2.0).max(1.0));
     let pool = build_pool(secret, addr, (rate * 12.0) as usize + 1000, false);
+    let store_before = StoreTimes::scrape(addr).await;
     let result = load::open_loop(sink, pool.clone(), rate, c, Duration::from_secs(1), settings.window, probe).await.map_err(|e| e.to_string())?;
     *reused += pool.reused();
     drop(pool);
     phase_summary(&format!("open loop at {rate:.0}/s"), &result);
+    let store = match (store_before, StoreTimes::scrape(addr).await) {
+        (Some(before), Some(after)) => Some(after.since(&before)),
+        _ => None,
+    };
     let drained = drain(control, queue, &result.accepted_ids).await?;
-    Ok((closed, Measured { result, rate_asked: Some(rate), drained }))
+    Ok((closed, Measured { result, rate_asked: Some(rate), drained, store }))
 }
 
 async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel, names: &Names) -> Result<Report, String> {
@@ -637,6 +686,16 @@ impl Report {
             self.baseline_open.result.send_lag_p99_us as f64 / 1000.0,
             self.baseline_open.result.send_lag_max_us as f64 / 1000.0
         );
+        let store_p99 = self.ingest_open.store.as_ref().map(|store| {
+            let (bound, slower) = store.slower_than_ms(50.0);
+            println!(
+                "The relay's own publish-to-confirm time in its open loop (relay_inbox_store_seconds, by bucket bound): p50 <= {:.2} ms, p99 <= {:.2} ms; {slower} of {} publishes over {bound:.0} ms. Near the HTTP p99, the time goes in lapin and the broker's confirms; far below it, in the relay's HTTP side.",
+                store.percentile_ms(50.0),
+                store.percentile_ms(99.0),
+                store.total()
+            );
+            store.percentile_ms(99.0)
+        });
         let missing = |ramp: &Ramp, closed: &Measured, open: &Measured| ramp.drained.missing + closed.drained.missing + open.drained.missing;
         let ingest_lost = missing(&self.ingest_ramp, &self.ingest_closed, &self.ingest_open);
         let baseline_lost = missing(&self.baseline_ramp, &self.baseline_closed, &self.baseline_open) + missing(&self.bare_ramp, &self.bare_closed, &self.bare_open);
@@ -727,7 +786,8 @@ impl Report {
         println!("lost={lost}");
         let gateway_ratio = if g.baseline_rps > 0.0 { g.rps / g.baseline_rps } else { 0.0 };
         println!(
-            "ingest_rps={ingest_rps:.0} baseline_rps={baseline_rps:.0} ratio={ratio:.3} concurrency={c} baseline_concurrency={baseline_c} relay_us_per_delivery={relay_us:.1} baseline_us_per_publish={lapin_us:.1} p50_ms={p50:.2} p99_ms={p99:.2} bare_rps={bare_rps:.0} bare_ratio={bare_ratio:.3} bare_us_per_delivery={bare_us:.1} bare_p99_ms={bare_p99:.2} worker_eps={:.0} worker_bound_eps={worker_bound:.0} worker_fast_eps={:.0} worker_baseline_eps={:.0} worker_ratio={worker_ratio:.3} worker_fetch_baseline_eps={:.0} worker_fetch_ceiling={fetch_ceiling:.3} worker_us_per_event={:.1} rss_mb={:.0} gateway_rps={:.0} gateway_baseline_rps={:.0} gateway_ratio={gateway_ratio:.3}",
+            "ingest_rps={ingest_rps:.0} baseline_rps={baseline_rps:.0} ratio={ratio:.3} concurrency={c} baseline_concurrency={baseline_c} relay_us_per_delivery={relay_us:.1} baseline_us_per_publish={lapin_us:.1} p50_ms={p50:.2} p99_ms={p99:.2} bare_rps={bare_rps:.0} bare_ratio={bare_ratio:.3} bare_us_per_delivery={bare_us:.1} bare_p99_ms={bare_p99:.2} store_p99_ms={} worker_eps={:.0} worker_bound_eps={worker_bound:.0} worker_fast_eps={:.0} worker_baseline_eps={:.0} worker_ratio={worker_ratio:.3} worker_fetch_baseline_eps={:.0} worker_fetch_ceiling={fetch_ceiling:.3} worker_us_per_event={:.1} rss_mb={:.0} gateway_rps={:.0} gateway_baseline_rps={:.0} gateway_ratio={gateway_ratio:.3}",
+            store_p99.map_or_else(|| "none".to_owned(), |ms| format!("{ms:.2}")),
             w.eps,
             fast.eps,
             raw.eps,
