@@ -278,18 +278,12 @@ impl std::ops::AddAssign for Drained {
 struct Report {
     body_bytes: usize,
     concurrency_chosen: bool,
-    ingest_ramp: Ramp,
+    ingest: Driven,
+    bare: Driven,
     baseline_ramp: Ramp,
-    bare_ramp: Ramp,
-    ingest_closed: Measured,
-    ingest_open: Measured,
     baseline_closed: Measured,
     baseline_open: Measured,
-    bare_closed: Measured,
-    bare_open: Measured,
-    bare_rss_kib: u64,
     reused: usize,
-    receiver_rss_kib: u64,
     worker: WorkerResult,
     worker_fast: WorkerResult,
     worker_baseline: WorkerResult,
@@ -452,6 +446,44 @@ async fn closed_then_open(
     Ok((closed, Measured { result, rate_asked: Some(rate), drained, store }))
 }
 
+/// A receiver process (the relay, or the bare receiver) driven over HTTP, then stopped.
+struct Driven {
+    ramp: Ramp,
+    closed: Measured,
+    open: Measured,
+    rss_kib: u64,
+}
+
+/// Waits for `process` to be ready, ramps it, runs its closed and open loops (the open one at
+/// `rate`, or half the closed loop's), each drained from `queue` and checked, and stops it;
+/// prints its last log lines when a request was not accepted.
+#[allow(clippy::too_many_arguments)]
+async fn drive_receiver(
+    settings: &Settings,
+    mut process: RelayProcess,
+    http: &reqwest::Client,
+    secret: &Secret,
+    broker: &[String],
+    control: &Channel,
+    queue: &str,
+    rate: Option<f64>,
+    reused: &mut usize,
+) -> Result<Driven, String> {
+    process.wait_ready(http).await?;
+    let (addr, sink) = (process.addr, Sink::Http(process.addr));
+    let probe = CpuProbe::new().with("relay", vec![process.pid().to_string()]).with("broker", broker.to_vec()).with("generator", vec![std::process::id().to_string()]);
+    let ramp = ramp(settings, &sink, secret, addr, &probe, control, queue).await?;
+    let (closed, open) = closed_then_open(settings, &sink, secret, addr, &probe, control, queue, ramp.concurrency, rate, reused).await?;
+    let rss_kib = process.peak_rss_kib().unwrap_or(0);
+    let tail = process.log_tail();
+    process.stop().await;
+    let not_accepted = [&closed.result, &open.result].iter().map(|r| r.rejected + r.failed).sum::<u64>();
+    if not_accepted > 0 && !tail.is_empty() {
+        println!("  last log lines:\n    {}", tail.join("\n    "));
+    }
+    Ok(Driven { ramp, closed, open, rss_kib })
+}
+
 async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel, names: &Names) -> Result<Report, String> {
     let secret_text = secret_text();
     let secret = Secret::parse(&secret_text).map_err(|e| e.to_string())?;
@@ -474,21 +506,8 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
             ("RELAY_REQUEST_QUEUE", String::new()),
         ]
     };
-    let mut receiver = RelayProcess::spawn(binary, "receiver", addr, &relay_env(&names.ingest))?;
-    receiver.wait_ready(&http).await?;
-    let sink = Sink::Http(addr);
-    let probe = CpuProbe::new().with("relay", vec![receiver.pid().to_string()]).with("broker", broker.clone()).with("generator", me.clone());
-
-    let ingest_ramp = ramp(settings, &sink, &secret, addr, &probe, control, &names.ingest.inbox).await?;
-    let (ingest_closed, ingest_open) =
-        closed_then_open(settings, &sink, &secret, addr, &probe, control, &names.ingest.inbox, ingest_ramp.concurrency, None, &mut reused).await?;
-    let receiver_rss_kib = receiver.peak_rss_kib().unwrap_or(0);
-    let tail = receiver.log_tail();
-    receiver.stop().await;
-    let not_accepted = [&ingest_closed.result, &ingest_open.result].iter().map(|r| r.rejected + r.failed).sum::<u64>();
-    if not_accepted > 0 && !tail.is_empty() {
-        println!("  relay log (last lines):\n    {}", tail.join("\n    "));
-    }
+    let receiver = RelayProcess::spawn(binary, "receiver", addr, &relay_env(&names.ingest))?;
+    let ingest = drive_receiver(settings, receiver, &http, &secret, &broker, control, &names.ingest.inbox, None, &mut reused).await?;
     println!("  (ingest phase took {:.1} s)", phase_started.elapsed().as_secs_f64());
 
     // 2. Baselines: the bare receiver (the relay's HTTP and broker work, nothing else), then
@@ -505,18 +524,10 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
         let spec = topology.queue_specs().into_iter().find(|spec| &spec.name == queue).ok_or("no inbox among the relay's queues")?;
         publisher.queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, spec.field_table()).await.map_err(|e| e.to_string())?;
     }
-    let bare_addr = procs::free_port();
     let bare_env = [("AMQP_URL", settings.amqp_url.clone()), ("RELAY_INBOX_QUEUE", names.bare.clone())];
     let this_bench = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut bare = RelayProcess::spawn(&this_bench, bare::ROLE, bare_addr, &bare_env)?;
-    bare.wait_ready(&http).await?;
-    let sink = Sink::Http(bare_addr);
-    let probe = CpuProbe::new().with("relay", vec![bare.pid().to_string()]).with("broker", broker.clone()).with("generator", me.clone());
-    let bare_ramp = ramp(settings, &sink, &secret, bare_addr, &probe, control, &names.bare).await?;
-    let (bare_closed, bare_open) =
-        closed_then_open(settings, &sink, &secret, bare_addr, &probe, control, &names.bare, bare_ramp.concurrency, ingest_open.rate_asked, &mut reused).await?;
-    let bare_rss_kib = bare.peak_rss_kib().unwrap_or(0);
-    bare.stop().await;
+    let bare = RelayProcess::spawn(&this_bench, bare::ROLE, procs::free_port(), &bare_env)?;
+    let bare = drive_receiver(settings, bare, &http, &secret, &broker, control, &names.bare, ingest.open.rate_asked, &mut reused).await?;
     let _ = control.queue_delete(names.bare.as_str().into(), QueueDeleteOptions::default()).await;
     let sink = Sink::Amqp { channel: publisher.clone(), queue: names.baseline.as_str().into() };
     let probe = CpuProbe::new().with("broker", broker.clone()).with("generator", me.clone());
@@ -524,7 +535,7 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
     let baseline_ramp = ramp(settings, &sink, &secret, nowhere, &probe, control, &names.baseline).await?;
     // The relay's open-loop rate: both open loops get the same offered load.
     let (baseline_closed, baseline_open) =
-        closed_then_open(settings, &sink, &secret, nowhere, &probe, control, &names.baseline, baseline_ramp.concurrency, ingest_open.rate_asked, &mut reused).await?;
+        closed_then_open(settings, &sink, &secret, nowhere, &probe, control, &names.baseline, baseline_ramp.concurrency, ingest.open.rate_asked, &mut reused).await?;
     let _ = connection.close(200, "baseline done".into()).await;
     let _ = control.queue_delete(names.baseline.as_str().into(), QueueDeleteOptions::default()).await;
     println!("  (baseline phase took {:.1} s)", phase_started.elapsed().as_secs_f64());
@@ -562,18 +573,12 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
     Ok(Report {
         body_bytes: Pool::build(&secret, addr, 1).body_len(),
         concurrency_chosen: settings.concurrency.is_none(),
-        ingest_ramp,
+        ingest,
+        bare,
         baseline_ramp,
-        ingest_closed,
-        ingest_open,
         baseline_closed,
         baseline_open,
-        bare_ramp,
-        bare_closed,
-        bare_open,
-        bare_rss_kib,
         reused,
-        receiver_rss_kib,
         worker,
         worker_fast,
         worker_baseline,
@@ -606,7 +611,7 @@ fn mib(kib: u64) -> f64 {
 impl Report {
     /// Prints the table and the verdicts; the summary line comes last.
     fn print(&self, settings: &Settings) -> ExitCode {
-        let (c, baseline_c) = (self.ingest_ramp.concurrency, self.baseline_ramp.concurrency);
+        let (c, baseline_c) = (self.ingest.ramp.concurrency, self.baseline_ramp.concurrency);
         let secs = settings.window.as_secs();
         let worker_bound = settings.fetch_concurrency as f64 / FETCH_DELAY.as_secs_f64();
         let w = &self.worker;
@@ -620,9 +625,9 @@ impl Report {
             println!("Concurrency: the smallest step within 5 % of the best in the same ramp of 3 s closed-loop steps for each:");
             println!(
                 "  relay {c} ({}); bare receiver {} ({}); baseline {baseline_c} ({}).",
-                self.ingest_ramp.describe(),
-                self.bare_ramp.concurrency,
-                self.bare_ramp.describe(),
+                self.ingest.ramp.describe(),
+                self.bare.ramp.concurrency,
+                self.bare.ramp.describe(),
                 self.baseline_ramp.describe()
             );
         } else {
@@ -649,10 +654,10 @@ impl Report {
                 cpu_cells(&r.cpu),
             );
         };
-        row("relay ingest, HTTP → verify → quorum inbox", &self.ingest_closed, c);
-        row("relay ingest, HTTP → verify → quorum inbox", &self.ingest_open, c);
-        row("bare receiver, HTTP → quorum queue (axum + lapin only)", &self.bare_closed, self.bare_ramp.concurrency);
-        row("bare receiver, HTTP → quorum queue (axum + lapin only)", &self.bare_open, self.bare_ramp.concurrency);
+        row("relay ingest, HTTP → verify → quorum inbox", &self.ingest.closed, c);
+        row("relay ingest, HTTP → verify → quorum inbox", &self.ingest.open, c);
+        row("bare receiver, HTTP → quorum queue (axum + lapin only)", &self.bare.closed, self.bare.ramp.concurrency);
+        row("bare receiver, HTTP → quorum queue (axum + lapin only)", &self.bare.open, self.bare.ramp.concurrency);
         row("baseline, lapin → quorum queue", &self.baseline_closed, baseline_c);
         row("baseline, lapin → quorum queue", &self.baseline_open, baseline_c);
         let worker_row = |phase: &str, w: &WorkerResult| {
@@ -690,15 +695,15 @@ impl Report {
         println!();
         println!(
             "Open-loop latency runs from each request's scheduled send time (no coordinated omission). Requests left late (all {c} connections busy, or the generator not scheduled in time) by {:.2} ms at p99 and {:.2} ms at most (bare receiver {:.2} / {:.2} ms, baseline {:.2} / {:.2} ms): a long one is a stall of the whole pipeline, e.g. RabbitMQ rolling over its quorum-queue write-ahead log.",
-            self.ingest_open.result.send_lag_p99_us as f64 / 1000.0,
-            self.ingest_open.result.send_lag_max_us as f64 / 1000.0,
-            self.bare_open.result.send_lag_p99_us as f64 / 1000.0,
-            self.bare_open.result.send_lag_max_us as f64 / 1000.0,
+            self.ingest.open.result.send_lag_p99_us as f64 / 1000.0,
+            self.ingest.open.result.send_lag_max_us as f64 / 1000.0,
+            self.bare.open.result.send_lag_p99_us as f64 / 1000.0,
+            self.bare.open.result.send_lag_max_us as f64 / 1000.0,
             self.baseline_open.result.send_lag_p99_us as f64 / 1000.0,
             self.baseline_open.result.send_lag_max_us as f64 / 1000.0
         );
-        let store_p99 = self.ingest_open.store.as_ref().and_then(|store| store.percentile_ms(99.0));
-        match (&self.ingest_open.store, store_p99) {
+        let store_p99 = self.ingest.open.store.as_ref().and_then(|store| store.percentile_ms(99.0));
+        match (&self.ingest.open.store, store_p99) {
             (Some(store), Some(p99)) => {
                 let (bound, slower) = store.slower_than_ms(50.0);
                 println!(
@@ -710,20 +715,20 @@ impl Report {
             _ => println!("WARNING: the relay's /metrics could not be read around its open loop (or counted no publish): store_p99_ms=none."),
         }
         let missing = |ramp: &Ramp, closed: &Measured, open: &Measured| ramp.drained.missing + closed.drained.missing + open.drained.missing;
-        let ingest_lost = missing(&self.ingest_ramp, &self.ingest_closed, &self.ingest_open);
-        let baseline_lost = missing(&self.baseline_ramp, &self.baseline_closed, &self.baseline_open) + missing(&self.bare_ramp, &self.bare_closed, &self.bare_open);
+        let ingest_lost = missing(&self.ingest.ramp, &self.ingest.closed, &self.ingest.open);
+        let baseline_lost = missing(&self.baseline_ramp, &self.baseline_closed, &self.baseline_open) + missing(&self.bare.ramp, &self.bare.closed, &self.bare.open);
         let worker_lost = [w, &self.worker_fast, &self.worker_baseline, &self.worker_fetch_baseline].iter().map(|w| (w.events - w.published) as u64).sum::<u64>();
         let gateway_lost = (g.requests - g.terminal) as u64;
         let lost = ingest_lost + worker_lost + gateway_lost;
         let held = |accepted: u64, drained: &Drained| format!("{accepted} / {} / {}", drained.stored, drained.missing);
         println!(
             "Accounting, per id (accepted / held by the queue / accepted ids it did not hold): relay ramp {}, closed {}, open {}; bare receiver ramp {}, closed {}, open {}; baseline ramp {}, closed {}, open {}; worker published {} of {} deliveries ({} duplicates), {} left in its inbox; gateway terminal replies {} of {} requests ({} queued replies, {} duplicate POSTs, {} webhooks); ids re-sent because a pool ran out: {}.",
-            held(self.ingest_ramp.accepted(), &self.ingest_ramp.drained),
-            held(self.ingest_closed.result.accepted, &self.ingest_closed.drained),
-            held(self.ingest_open.result.accepted, &self.ingest_open.drained),
-            held(self.bare_ramp.accepted(), &self.bare_ramp.drained),
-            held(self.bare_closed.result.accepted, &self.bare_closed.drained),
-            held(self.bare_open.result.accepted, &self.bare_open.drained),
+            held(self.ingest.ramp.accepted(), &self.ingest.ramp.drained),
+            held(self.ingest.closed.result.accepted, &self.ingest.closed.drained),
+            held(self.ingest.open.result.accepted, &self.ingest.open.drained),
+            held(self.bare.ramp.accepted(), &self.bare.ramp.drained),
+            held(self.bare.closed.result.accepted, &self.bare.closed.drained),
+            held(self.bare.open.result.accepted, &self.bare.open.drained),
             held(self.baseline_ramp.accepted(), &self.baseline_ramp.drained),
             held(self.baseline_closed.result.accepted, &self.baseline_closed.drained),
             held(self.baseline_open.result.accepted, &self.baseline_open.drained),
@@ -741,7 +746,7 @@ impl Report {
         if baseline_lost > 0 {
             println!("WARNING: the broker lost {baseline_lost} confirmed publishes of the baselines; RabbitMQ itself is misbehaving, so no figure of this run is meaningful.");
         }
-        let others = [&self.ingest_closed, &self.ingest_open, &self.bare_closed, &self.bare_open, &self.baseline_closed, &self.baseline_open]
+        let others = [&self.ingest.closed, &self.ingest.open, &self.bare.closed, &self.bare.open, &self.baseline_closed, &self.baseline_open]
             .iter()
             .flat_map(|m| m.result.cpu.iter())
             .chain(w.cpu.iter())
@@ -758,26 +763,26 @@ impl Report {
         }
         println!(
             "Peak RSS (VmHWM): receiver {:.1} MiB, worker {:.1} MiB, bare receiver {:.1} MiB.",
-            mib(self.receiver_rss_kib),
+            mib(self.ingest.rss_kib),
             mib(w.rss_kib.max(self.worker_fast.rss_kib)),
-            mib(self.bare_rss_kib)
+            mib(self.bare.rss_kib)
         );
 
-        let ingest_rps = self.ingest_closed.result.rate;
+        let ingest_rps = self.ingest.closed.result.rate;
         let baseline_rps = self.baseline_closed.result.rate;
         let ratio = if baseline_rps > 0.0 { ingest_rps / baseline_rps } else { 0.0 };
-        let p50 = self.ingest_open.result.percentile_ms(50.0);
-        let p99 = self.ingest_open.result.percentile_ms(99.0);
-        let rss_mb = mib(self.receiver_rss_kib.max(w.rss_kib));
+        let p50 = self.ingest.open.result.percentile_ms(50.0);
+        let p99 = self.ingest.open.result.percentile_ms(99.0);
+        let rss_mb = mib(self.ingest.rss_kib.max(w.rss_kib));
         // The relay's CPU per delivery it accepted in the closed loop's window.
-        let relay_us = cpu_cores(&self.ingest_closed.result.cpu, "relay") / ingest_rps.max(1.0) * 1e6;
+        let relay_us = cpu_cores(&self.ingest.closed.result.cpu, "relay") / ingest_rps.max(1.0) * 1e6;
         // The floor under it: what lapin alone costs the generator per confirmed publish.
         let lapin_us = cpu_cores(&self.baseline_closed.result.cpu, "generator") / baseline_rps.max(1.0) * 1e6;
         // The same three figures for the bare receiver: what axum and lapin alone reach here.
-        let bare_rps = self.bare_closed.result.rate;
+        let bare_rps = self.bare.closed.result.rate;
         let bare_ratio = if baseline_rps > 0.0 { bare_rps / baseline_rps } else { 0.0 };
-        let bare_us = cpu_cores(&self.bare_closed.result.cpu, "relay") / bare_rps.max(1.0) * 1e6;
-        let bare_p99 = self.bare_open.result.percentile_ms(99.0);
+        let bare_us = cpu_cores(&self.bare.closed.result.cpu, "relay") / bare_rps.max(1.0) * 1e6;
+        let bare_p99 = self.bare.open.result.percentile_ms(99.0);
         let (fast, raw) = (&self.worker_fast, &self.worker_baseline);
         let worker_ratio = if raw.eps > 0.0 { fast.eps / raw.eps } else { 0.0 };
         // The most a worker that fetches could reach of the baseline on this machine.
@@ -800,7 +805,7 @@ impl Report {
         let gateway_ratio = if g.baseline_rps > 0.0 { g.rps / g.baseline_rps } else { 0.0 };
         println!(
             "ingest_rps={ingest_rps:.0} baseline_rps={baseline_rps:.0} ratio={ratio:.3} concurrency={c} baseline_concurrency={baseline_c} relay_us_per_delivery={relay_us:.1} baseline_us_per_publish={lapin_us:.1} p50_ms={p50:.2} p99_ms={p99:.2} bare_rps={bare_rps:.0} bare_concurrency={} bare_ratio={bare_ratio:.3} bare_us_per_delivery={bare_us:.1} bare_p99_ms={bare_p99:.2} store_p99_ms={} worker_eps={:.0} worker_bound_eps={worker_bound:.0} worker_fast_eps={:.0} worker_baseline_eps={:.0} worker_ratio={worker_ratio:.3} worker_fetch_baseline_eps={:.0} worker_fetch_ceiling={fetch_ceiling:.3} worker_us_per_event={:.1} rss_mb={:.0} gateway_rps={:.0} gateway_baseline_rps={:.0} gateway_ratio={gateway_ratio:.3}",
-            self.bare_ramp.concurrency,
+            self.bare.ramp.concurrency,
             store_p99.map_or_else(|| "none".to_owned(), |ms| format!("{ms:.2}")),
             w.eps,
             fast.eps,
