@@ -17,11 +17,14 @@
 //!      mandatory, to a quorum queue declared like the inbox, each task awaiting its own confirm;
 //! 3. worker: the release binary as `--role worker` draining a pre-filled inbox against a
 //!    fake OpenAI API (in this process) that answers after 100 ms (what the fetch concurrency
-//!    bounds), then one that answers at once (what the worker costs), counting the
-//!    CloudEvents that reach the exchange; then raw lapin doing the same broker work on the
-//!    same deliveries (consume → publish → ack, same prefetch and concurrency), and raw
-//!    lapin with one fetch per delivery from the same fake API (consume → fetch → publish →
-//!    ack): the share of the baseline that this machine leaves to any worker that fetches;
+//!    bounds), counting the CloudEvents that reach the exchange. Then rounds against one that
+//!    answers at once (what the worker costs), each also running raw lapin doing the same
+//!    broker work on as many deliveries (consume → publish → ack, same prefetch and
+//!    concurrency) and raw lapin with one fetch per delivery from the same fake API
+//!    (consume → fetch → publish → ack: the share of the baseline that this machine leaves
+//!    to any worker that fetches). Ratios are taken within a round, where the box's speed
+//!    is the same for all three, and the median round's reported, so that one disturbed
+//!    window does not decide them; each round starts with a different one of the three;
 //! 4. gateway: requests through RabbitMQ to the library's fake OpenAI API and back, next to a
 //!    raw lapin request/reply service (see `pipeline/gateway.rs`).
 //!
@@ -30,8 +33,8 @@
 //!
 //! Settings (environment): AMQP_URL; BENCH_CONCURRENCY (skip the ramp and use this C);
 //! BENCH_WARMUP_SECS (2); BENCH_SECS (10, each measured window); BENCH_THREADS (2, the
-//! generator's tokio runtime); BENCH_WORKER_EVENTS (3200); BENCH_WORKER_FAST_EVENTS (20000);
-//! BENCH_FETCH_CONCURRENCY (32);
+//! generator's tokio runtime); BENCH_WORKER_EVENTS (3200); BENCH_WORKER_FAST_EVENTS (12000,
+//! per run of a round); BENCH_WORKER_ROUNDS (3); BENCH_FETCH_CONCURRENCY (32);
 //! BENCH_GATEWAY_REQUESTS (2000);
 //! BENCH_QUIET_WAIT_SECS (60: how long to wait for other processes to leave the CPU before
 //! starting anyway).
@@ -78,6 +81,7 @@ struct Settings {
     threads: usize,
     worker_events: usize,
     worker_fast_events: usize,
+    worker_rounds: usize,
     fetch_concurrency: usize,
     gateway_requests: usize,
 }
@@ -95,7 +99,8 @@ impl Settings {
             window: Duration::from_secs(env_number("BENCH_SECS", 10)),
             threads: env_number("BENCH_THREADS", 2) as usize,
             worker_events: env_number("BENCH_WORKER_EVENTS", 3200) as usize,
-            worker_fast_events: env_number("BENCH_WORKER_FAST_EVENTS", 20_000) as usize,
+            worker_fast_events: env_number("BENCH_WORKER_FAST_EVENTS", 12_000) as usize,
+            worker_rounds: env_number("BENCH_WORKER_ROUNDS", 3).max(1) as usize,
             fetch_concurrency: env_number("BENCH_FETCH_CONCURRENCY", 32) as usize,
             gateway_requests: env_number("BENCH_GATEWAY_REQUESTS", 2000) as usize,
         }
@@ -285,11 +290,7 @@ struct Report {
     baseline_open: Measured,
     reused: usize,
     worker: WorkerResult,
-    worker_fast: WorkerResult,
-    worker_baseline: WorkerResult,
-    /// The baseline with a fetch per delivery from the same fake API: what the machine
-    /// leaves for any worker that fetches.
-    worker_fetch_baseline: WorkerResult,
+    worker_rounds: Vec<worker::Round>,
     gateway: gateway::GatewayResult,
 }
 
@@ -541,17 +542,29 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
     println!("  (baseline phase took {:.1} s)", phase_started.elapsed().as_secs_f64());
 
     // 3. Worker: drain a pre-filled inbox against an API that answers after 100 ms, then
-    // against one that answers at once, then raw lapin doing the same broker work, without
-    // and with a fetch.
+    // rounds of the relay against one that answers at once, raw lapin doing the same broker
+    // work, and raw lapin that also fetches.
     let phase_started = Instant::now();
     println!("phase 3/4: worker");
     let (n, fast_n, fetches) = (settings.worker_events, settings.worker_fast_events, settings.fetch_concurrency);
     let env = relay_env(&names.worker);
     let worker = worker::relay(&settings.amqp_url, binary, control, &names.worker, &secret, n, fetches, FETCH_DELAY, &env, &broker, &http).await?;
-    let worker_fast = worker::relay(&settings.amqp_url, binary, control, &names.worker, &secret, fast_n, fetches, Duration::ZERO, &env, &broker, &http).await?;
     let generator = CpuProbe::new().with("broker", broker.clone()).with("generator", me.clone());
-    let worker_baseline = worker::baseline(&settings.amqp_url, control, &names.worker_baseline, &secret, fast_n, fetches, false, &generator).await?;
-    let worker_fetch_baseline = worker::baseline(&settings.amqp_url, control, &names.worker_baseline, &secret, fast_n, fetches, true, &generator).await?;
+    let mut worker_rounds = Vec::with_capacity(settings.worker_rounds);
+    for round in 0..settings.worker_rounds {
+        println!("  fast round {}/{}", round + 1, settings.worker_rounds);
+        let mut results: [Option<WorkerResult>; 3] = [None, None, None];
+        // Each round starts with a different one, so that none always follows the same other.
+        for which in (0..3).map(|k| (round + k) % 3) {
+            results[which] = Some(match which {
+                0 => worker::relay(&settings.amqp_url, binary, control, &names.worker, &secret, fast_n, fetches, Duration::ZERO, &env, &broker, &http).await?,
+                1 => worker::baseline(&settings.amqp_url, control, &names.worker_baseline, &secret, fast_n, fetches, false, &generator).await?,
+                _ => worker::baseline(&settings.amqp_url, control, &names.worker_baseline, &secret, fast_n, fetches, true, &generator).await?,
+            });
+        }
+        let [Some(relay), Some(baseline), Some(fetching)] = results else { unreachable!("each of the three ran") };
+        worker_rounds.push(worker::Round { relay, baseline, fetching });
+    }
     println!("  (worker phase took {:.1} s)", phase_started.elapsed().as_secs_f64());
 
     // 4. Gateway: requests to the fake OpenAI API through RabbitMQ, and their replies.
@@ -580,9 +593,7 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
         baseline_open,
         reused,
         worker,
-        worker_fast,
-        worker_baseline,
-        worker_fetch_baseline,
+        worker_rounds,
         gateway,
     })
 }
@@ -671,9 +682,11 @@ impl Report {
             );
         };
         worker_row("relay worker, fetch answers after 100 ms", w);
-        worker_row("relay worker, fetch answers at once", &self.worker_fast);
-        worker_row("baseline, lapin consume → publish → ack", &self.worker_baseline);
-        worker_row("baseline, lapin consume → fetch at once → publish → ack", &self.worker_fetch_baseline);
+        for (i, round) in self.worker_rounds.iter().enumerate() {
+            worker_row(&format!("round {}: relay worker, fetch answers at once", i + 1), &round.relay);
+            worker_row(&format!("round {}: baseline, lapin consume → publish → ack", i + 1), &round.baseline);
+            worker_row(&format!("round {}: baseline, lapin consume → fetch at once → publish → ack", i + 1), &round.fetching);
+        }
         let g = &self.gateway;
         println!(
             "| relay gateway, request → POST → webhook → fetch → reply | {} requests | {:.0} | {:.2} | {:.2} | – | – | {} | {} |",
@@ -717,12 +730,13 @@ impl Report {
         let missing = |ramp: &Ramp, closed: &Measured, open: &Measured| ramp.drained.missing + closed.drained.missing + open.drained.missing;
         let ingest_lost = missing(&self.ingest.ramp, &self.ingest.closed, &self.ingest.open);
         let baseline_lost = missing(&self.baseline_ramp, &self.baseline_closed, &self.baseline_open) + missing(&self.bare.ramp, &self.bare.closed, &self.bare.open);
-        let worker_lost = [w, &self.worker_fast, &self.worker_baseline, &self.worker_fetch_baseline].iter().map(|w| (w.events - w.published) as u64).sum::<u64>();
+        let fast_results = || self.worker_rounds.iter().flat_map(worker::Round::results);
+        let worker_lost = std::iter::once(w).chain(fast_results()).map(|w| (w.events - w.published) as u64).sum::<u64>();
         let gateway_lost = (g.requests - g.terminal) as u64;
         let lost = ingest_lost + worker_lost + gateway_lost;
         let held = |accepted: u64, drained: &Drained| format!("{accepted} / {} / {}", drained.stored, drained.missing);
         println!(
-            "Accounting, per id (accepted / held by the queue / accepted ids it did not hold): relay ramp {}, closed {}, open {}; bare receiver ramp {}, closed {}, open {}; baseline ramp {}, closed {}, open {}; worker published {} of {} deliveries ({} duplicates), {} left in its inbox; gateway terminal replies {} of {} requests ({} queued replies, {} duplicate POSTs, {} webhooks); ids re-sent because a pool ran out: {}.",
+            "Accounting, per id (accepted / held by the queue / accepted ids it did not hold): relay ramp {}, closed {}, open {}; bare receiver ramp {}, closed {}, open {}; baseline ramp {}, closed {}, open {}; slow worker published {} of {} deliveries ({} duplicates), {} left in its inbox; fast rounds (relay and baselines) published {} of {}; gateway terminal replies {} of {} requests ({} queued replies, {} duplicate POSTs, {} webhooks); ids re-sent because a pool ran out: {}.",
             held(self.ingest.ramp.accepted(), &self.ingest.ramp.drained),
             held(self.ingest.closed.result.accepted, &self.ingest.closed.drained),
             held(self.ingest.open.result.accepted, &self.ingest.open.drained),
@@ -736,6 +750,8 @@ impl Report {
             w.events,
             w.duplicates,
             w.left_in_inbox,
+            fast_results().map(|r| r.published).sum::<usize>(),
+            fast_results().map(|r| r.events).sum::<usize>(),
             g.terminal,
             g.requests,
             g.queued,
@@ -750,9 +766,7 @@ impl Report {
             .iter()
             .flat_map(|m| m.result.cpu.iter())
             .chain(w.cpu.iter())
-            .chain(self.worker_fast.cpu.iter())
-            .chain(self.worker_baseline.cpu.iter())
-            .chain(self.worker_fetch_baseline.cpu.iter())
+            .chain(fast_results().flat_map(|r| r.cpu.iter()))
             .chain(g.cpu.iter())
             .chain(g.baseline_cpu.iter())
             .filter(|u| u.name == "others")
@@ -764,7 +778,7 @@ impl Report {
         println!(
             "Peak RSS (VmHWM): receiver {:.1} MiB, worker {:.1} MiB, bare receiver {:.1} MiB.",
             mib(self.ingest.rss_kib),
-            mib(w.rss_kib.max(self.worker_fast.rss_kib)),
+            mib(fast_results().map(|r| r.rss_kib).fold(w.rss_kib, u64::max)),
             mib(self.bare.rss_kib)
         );
 
@@ -783,17 +797,21 @@ impl Report {
         let bare_ratio = if baseline_rps > 0.0 { bare_rps / baseline_rps } else { 0.0 };
         let bare_us = cpu_cores(&self.bare.closed.result.cpu, "relay") / bare_rps.max(1.0) * 1e6;
         let bare_p99 = self.bare.open.result.percentile_ms(99.0);
-        let (fast, raw) = (&self.worker_fast, &self.worker_baseline);
-        let worker_ratio = if raw.eps > 0.0 { fast.eps / raw.eps } else { 0.0 };
+        // Medians over the rounds; the ratios are each round's own, not ratios of medians.
+        let rounds = &self.worker_rounds;
+        let of_rounds = |f: fn(&worker::Round) -> f64| worker::median(rounds.iter().map(f).collect());
+        let listed = |f: fn(&worker::Round) -> f64| rounds.iter().map(|r| format!("{:.3}", f(r))).collect::<Vec<_>>().join(", ");
+        let worker_ratio = of_rounds(worker::Round::ratio);
         // The most a worker that fetches could reach of the baseline on this machine.
-        let fetching = &self.worker_fetch_baseline;
-        let fetch_ceiling = if raw.eps > 0.0 { fetching.eps / raw.eps } else { 0.0 };
+        let fetch_ceiling = of_rounds(worker::Round::ceiling);
         let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
         println!(
-            "Targets: ratio {ratio:.3} >= 0.9 {} (bare receiver {bare_ratio:.3}); relay {relay_us:.1} µs/delivery <= 10 {} (bare receiver {bare_us:.1}); worker fast {worker_ratio:.3} of its baseline >= 0.8 {} (a raw worker that fetches reaches {fetch_ceiling:.3}); p99 {p99:.2} ms <= 5 {} (bare receiver {bare_p99:.2}); worker {:.0}/s >= {:.0} (0.9 x {:.0}) {}; RSS {rss_mb:.1} MiB <= 50 {}.",
+            "Targets: ratio {ratio:.3} >= 0.9 {} (bare receiver {bare_ratio:.3}); relay {relay_us:.1} µs/delivery <= 10 {} (bare receiver {bare_us:.1}); worker fast {worker_ratio:.3} of its baseline >= 0.8 {} (median of rounds {}; a raw worker that fetches reaches {fetch_ceiling:.3}, rounds {}); p99 {p99:.2} ms <= 5 {} (bare receiver {bare_p99:.2}); worker {:.0}/s >= {:.0} (0.9 x {:.0}) {}; RSS {rss_mb:.1} MiB <= 50 {}.",
             verdict(ratio >= 0.9),
             verdict(relay_us <= 10.0),
             verdict(worker_ratio >= 0.8),
+            listed(worker::Round::ratio),
+            listed(worker::Round::ceiling),
             verdict(p99 <= 5.0),
             w.eps,
             0.9 * worker_bound,
@@ -804,14 +822,15 @@ impl Report {
         println!("lost={lost}");
         let gateway_ratio = if g.baseline_rps > 0.0 { g.rps / g.baseline_rps } else { 0.0 };
         println!(
-            "ingest_rps={ingest_rps:.0} baseline_rps={baseline_rps:.0} ratio={ratio:.3} concurrency={c} baseline_concurrency={baseline_c} relay_us_per_delivery={relay_us:.1} baseline_us_per_publish={lapin_us:.1} p50_ms={p50:.2} p99_ms={p99:.2} bare_rps={bare_rps:.0} bare_concurrency={} bare_ratio={bare_ratio:.3} bare_us_per_delivery={bare_us:.1} bare_p99_ms={bare_p99:.2} store_p99_ms={} worker_eps={:.0} worker_bound_eps={worker_bound:.0} worker_fast_eps={:.0} worker_baseline_eps={:.0} worker_ratio={worker_ratio:.3} worker_fetch_baseline_eps={:.0} worker_fetch_ceiling={fetch_ceiling:.3} worker_us_per_event={:.1} rss_mb={:.0} gateway_rps={:.0} gateway_baseline_rps={:.0} gateway_ratio={gateway_ratio:.3}",
+            "ingest_rps={ingest_rps:.0} baseline_rps={baseline_rps:.0} ratio={ratio:.3} concurrency={c} baseline_concurrency={baseline_c} relay_us_per_delivery={relay_us:.1} baseline_us_per_publish={lapin_us:.1} p50_ms={p50:.2} p99_ms={p99:.2} bare_rps={bare_rps:.0} bare_concurrency={} bare_ratio={bare_ratio:.3} bare_us_per_delivery={bare_us:.1} bare_p99_ms={bare_p99:.2} store_p99_ms={} worker_eps={:.0} worker_bound_eps={worker_bound:.0} worker_fast_eps={:.0} worker_baseline_eps={:.0} worker_ratio={worker_ratio:.3} worker_fetch_baseline_eps={:.0} worker_fetch_ceiling={fetch_ceiling:.3} worker_rounds={} worker_us_per_event={:.1} rss_mb={:.0} gateway_rps={:.0} gateway_baseline_rps={:.0} gateway_ratio={gateway_ratio:.3}",
             self.bare.ramp.concurrency,
             store_p99.map_or_else(|| "none".to_owned(), |ms| format!("{ms:.2}")),
             w.eps,
-            fast.eps,
-            raw.eps,
-            fetching.eps,
-            fast.us_per_event,
+            of_rounds(|r| r.relay.eps),
+            of_rounds(|r| r.baseline.eps),
+            of_rounds(|r| r.fetching.eps),
+            rounds.len(),
+            of_rounds(|r| r.relay.us_per_event),
             rss_mb.ceil(),
             g.rps,
             g.baseline_rps

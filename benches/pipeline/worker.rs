@@ -1,6 +1,6 @@
-//! Phase 3: the worker draining a pre-filled inbox, twice: against a fake OpenAI API that
-//! answers after 100 ms (what the fetch concurrency bounds), and against one that answers at
-//! once (what the worker itself costs), next to raw lapin doing the same broker work
+//! Phase 3: the worker draining a pre-filled inbox against a fake OpenAI API that answers
+//! after 100 ms (what the fetch concurrency bounds), then rounds against one that answers at
+//! once (what the worker itself costs), each next to raw lapin doing the same broker work
 //! (consume → publish persistent, mandatory, confirmed → ack, same prefetch and concurrency),
 //! without and with a fetch from the same fake API per delivery.
 
@@ -40,6 +40,40 @@ pub struct WorkerResult {
     pub cpu: Vec<Usage>,
     /// CPU time of the relay process (the baseline: of this process) per published event.
     pub us_per_event: f64,
+}
+
+/// One round of the fast-API comparison: the relay, raw lapin, and raw lapin that also
+/// fetches, each draining the same number of deliveries, one after the other.
+pub struct Round {
+    pub relay: WorkerResult,
+    pub baseline: WorkerResult,
+    pub fetching: WorkerResult,
+}
+
+impl Round {
+    /// The relay's rate as a share of the baseline's in the same round.
+    pub fn ratio(&self) -> f64 {
+        share(self.relay.eps, self.baseline.eps)
+    }
+
+    /// What a worker that fetches reaches of the baseline: the most the relay could.
+    pub fn ceiling(&self) -> f64 {
+        share(self.fetching.eps, self.baseline.eps)
+    }
+
+    pub fn results(&self) -> [&WorkerResult; 3] {
+        [&self.relay, &self.baseline, &self.fetching]
+    }
+}
+
+fn share(part: f64, whole: f64) -> f64 {
+    if whole > 0.0 { part / whole } else { 0.0 }
+}
+
+/// The middle value (of an even count, the upper of the two middle ones); 0 when empty.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// The fake OpenAI API: any GET under /v1 answers a small completed response after `delay`.
