@@ -22,9 +22,10 @@
 //!    broker work on as many deliveries (consume → publish → ack, same prefetch and
 //!    concurrency) and raw lapin with one fetch per delivery from the same fake API
 //!    (consume → fetch → publish → ack: the share of the baseline that this machine leaves
-//!    to any worker that fetches). Ratios are taken within a round, where the box's speed
-//!    is the same for all three, and the median round's reported, so that one disturbed
-//!    window does not decide them; each round starts with a different one of the three;
+//!    to any worker that fetches). Each timed run starts once the broker is idle after its
+//!    pre-fill. Ratios are taken within a round, where the box's speed is the same for all
+//!    three, and the median round's reported, so that one disturbed window does not decide
+//!    them; each round starts with a different one of the three;
 //! 4. gateway: requests through RabbitMQ to the library's fake OpenAI API and back, next to a
 //!    raw lapin request/reply service (see `pipeline/gateway.rs`).
 //!
@@ -33,7 +34,7 @@
 //!
 //! Settings (environment): AMQP_URL; BENCH_CONCURRENCY (skip the ramp and use this C);
 //! BENCH_WARMUP_SECS (2); BENCH_SECS (10, each measured window); BENCH_THREADS (2, the
-//! generator's tokio runtime); BENCH_WORKER_EVENTS (3200); BENCH_WORKER_FAST_EVENTS (12000,
+//! generator's tokio runtime); BENCH_WORKER_EVENTS (3200); BENCH_WORKER_FAST_EVENTS (20000,
 //! per run of a round); BENCH_WORKER_ROUNDS (3); BENCH_FETCH_CONCURRENCY (32);
 //! BENCH_GATEWAY_REQUESTS (2000);
 //! BENCH_QUIET_WAIT_SECS (60: how long to wait for other processes to leave the CPU before
@@ -99,7 +100,7 @@ impl Settings {
             window: Duration::from_secs(env_number("BENCH_SECS", 10)),
             threads: env_number("BENCH_THREADS", 2) as usize,
             worker_events: env_number("BENCH_WORKER_EVENTS", 3200) as usize,
-            worker_fast_events: env_number("BENCH_WORKER_FAST_EVENTS", 12_000) as usize,
+            worker_fast_events: env_number("BENCH_WORKER_FAST_EVENTS", 20_000) as usize,
             worker_rounds: env_number("BENCH_WORKER_ROUNDS", 3).max(1) as usize,
             fetch_concurrency: env_number("BENCH_FETCH_CONCURRENCY", 32) as usize,
             gateway_requests: env_number("BENCH_GATEWAY_REQUESTS", 2000) as usize,

@@ -13,9 +13,20 @@ use std::time::{Duration, Instant};
 pub fn build_relay() -> Result<PathBuf, String> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--quiet", "--bin", "openai-webhook-relay"])
-        .current_dir(manifest)
+    let mut command = Command::new(cargo);
+    command.args(["build", "--release", "--quiet", "--bin", "openai-webhook-relay"]).current_dir(manifest);
+    // Cargo runs this bench with this package's CARGO_PKG_* and CARGO_MANIFEST_* set. Build
+    // scripts that watch those names (ring's does) would see them changed, rebuild, and
+    // make the next `cargo bench` rebuild them back: minutes per run.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let set_for_this_package = ["CARGO_PKG_", "CARGO_MANIFEST_"].iter().any(|prefix| name.starts_with(prefix))
+            || ["CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "CARGO_RUSTC_CURRENT_DIR"].contains(&name.as_ref());
+        if set_for_this_package {
+            command.env_remove(name.as_ref());
+        }
+    }
+    let status = command
         .status()
         .map_err(|e| format!("cannot run cargo build: {e}"))?;
     if !status.success() {
@@ -263,6 +274,22 @@ impl CpuProbe {
         let probed: f64 = usage.iter().map(|u| u.cores).sum();
         usage.push(Usage { name: "others".into(), cores: (machine - probed).max(0.0), cpu_wait_ms_per_s: 0.0 });
         usage
+    }
+
+    /// Waits until the probed process `name` uses at most `cores` over half a second, or
+    /// `limit` passed; returns how long it waited. Before a timed run, this lets the broker
+    /// finish what the previous step left it (a pre-fill's writes, a deleted queue's log),
+    /// so that each run starts from the same state.
+    pub async fn wait_idle(&self, name: &str, cores: f64, limit: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let now = Instant::now();
+            let usage = self.measure_between(now, now + Duration::from_millis(500)).await;
+            let busy = usage.iter().find(|u| u.name == name).map_or(0.0, |u| u.cores);
+            if busy <= cores || started.elapsed() >= limit {
+                return started.elapsed();
+            }
+        }
     }
 
     /// Cores busy with anything but the probed processes, over `duration` (a pre-flight check).

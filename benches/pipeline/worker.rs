@@ -170,6 +170,16 @@ async fn prefill(connection: &Connection, queue: &str, n: usize, secret: &Secret
     Ok(())
 }
 
+/// Before a timed run: waits for the broker to go idle after the pre-fill and whatever came
+/// before, and says how long that took.
+async fn broker_settled(broker: &CpuProbe) {
+    let waited = broker.wait_idle("broker", BROKER_IDLE_CORES, Duration::from_secs(15)).await;
+    println!("    broker idle (<= {BROKER_IDLE_CORES} cores) after {:.1} s", waited.as_secs_f64());
+}
+
+/// What RabbitMQ uses here with nothing to do is about 0.02 cores.
+const BROKER_IDLE_CORES: f64 = 0.1;
+
 /// CPU seconds the process named `name` used in the window.
 fn cpu_seconds(cpu: &[Usage], name: &str, window: Duration) -> f64 {
     crate::cpu_cores(cpu, name) * window.as_secs_f64()
@@ -196,6 +206,7 @@ pub async fn relay(
     prefill(&connection, &topology.inbox, n, secret).await?;
 
     let (api, api_addr, server) = FakeApi::serve(delay).await?;
+    broker_settled(&CpuProbe::new().with("broker", broker.to_vec())).await;
 
     let mut env = env.to_vec();
     env.push(("OPENAI_BASE_URL", format!("http://{api_addr}/v1")));
@@ -264,6 +275,7 @@ pub async fn baseline(amqp_url: &str, control: &Channel, topology: &Topology, se
     let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
     channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
     channel.basic_qos((concurrency * 2) as u16, BasicQosOptions::default()).await.map_err(|e| e.to_string())?;
+    broker_settled(generator).await;
     let started = Instant::now();
     let window = generator.start();
     let consumer = channel.basic_consume(topology.inbox.as_str().into(), "bench-baseline".into(), BasicConsumeOptions::default(), FieldTable::default()).await.map_err(|e| e.to_string())?;
