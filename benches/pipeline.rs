@@ -22,8 +22,8 @@
 //!    broker work on as many deliveries (consume → publish → ack, same prefetch and
 //!    concurrency) and raw lapin with one fetch per delivery from the same fake API
 //!    (consume → fetch → publish → ack: the share of the baseline that this machine leaves
-//!    to any worker that fetches). Each timed run starts once the broker is idle after its
-//!    pre-fill. Ratios are taken within a round, where the box's speed is the same for all
+//!    to any worker that fetches). Each timed run starts on a purged and pre-filled queue,
+//!    once the broker is idle. Ratios are taken within a round, where the box's speed is the same for all
 //!    three, and the median round's reported, so that one disturbed window does not decide
 //!    them; each round starts with a different one of the three;
 //! 4. gateway: requests through RabbitMQ to the library's fake OpenAI API and back, next to a
@@ -555,7 +555,7 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
     for round in 0..settings.worker_rounds {
         println!("  fast round {}/{}", round + 1, settings.worker_rounds);
         let mut results: [Option<WorkerResult>; 3] = [None, None, None];
-        // Each round starts with a different one, so that none always follows the same other.
+        // The order rotates, so that each of the three starts one round.
         for which in (0..3).map(|k| (round + k) % 3) {
             results[which] = Some(match which {
                 0 => worker::relay(&settings.amqp_url, binary, control, &names.worker, &secret, fast_n, fetches, Duration::ZERO, &env, &broker, &http).await?,
@@ -737,7 +737,7 @@ impl Report {
         let lost = ingest_lost + worker_lost + gateway_lost;
         let held = |accepted: u64, drained: &Drained| format!("{accepted} / {} / {}", drained.stored, drained.missing);
         println!(
-            "Accounting, per id (accepted / held by the queue / accepted ids it did not hold): relay ramp {}, closed {}, open {}; bare receiver ramp {}, closed {}, open {}; baseline ramp {}, closed {}, open {}; slow worker published {} of {} deliveries ({} duplicates), {} left in its inbox; fast rounds (relay and baselines) published {} of {}; gateway terminal replies {} of {} requests ({} queued replies, {} duplicate POSTs, {} webhooks); ids re-sent because a pool ran out: {}.",
+            "Accounting, per id (accepted / held by the queue / accepted ids it did not hold): relay ramp {}, closed {}, open {}; bare receiver ramp {}, closed {}, open {}; baseline ramp {}, closed {}, open {}; slow worker published {} of {} deliveries ({} duplicates), {} left in its inbox; fast rounds (relay and baselines) published {} of {} ({} duplicates), the relay left {} in its inbox; gateway terminal replies {} of {} requests ({} queued replies, {} duplicate POSTs, {} webhooks); ids re-sent because a pool ran out: {}.",
             held(self.ingest.ramp.accepted(), &self.ingest.ramp.drained),
             held(self.ingest.closed.result.accepted, &self.ingest.closed.drained),
             held(self.ingest.open.result.accepted, &self.ingest.open.drained),
@@ -753,6 +753,8 @@ impl Report {
             w.left_in_inbox,
             fast_results().map(|r| r.published).sum::<usize>(),
             fast_results().map(|r| r.events).sum::<usize>(),
+            fast_results().map(|r| r.duplicates).sum::<usize>(),
+            self.worker_rounds.iter().map(|r| r.relay.left_in_inbox).sum::<u64>(),
             g.terminal,
             g.requests,
             g.queued,

@@ -277,17 +277,17 @@ impl CpuProbe {
     }
 
     /// Waits until the probed process `name` uses at most `cores` over half a second, or
-    /// `limit` passed; returns how long it waited. Before a timed run, this lets the broker
-    /// finish what the previous step left it (a pre-fill's writes, a deleted queue's log),
-    /// so that each run starts from the same state.
-    pub async fn wait_idle(&self, name: &str, cores: f64, limit: Duration) -> Duration {
+    /// `limit` passed; returns how long it waited and what `name` used in the last half
+    /// second. Before a timed run, this lets the broker finish what the previous step left
+    /// it, so that each run starts from the same state.
+    pub async fn wait_idle(&self, name: &str, cores: f64, limit: Duration) -> (Duration, f64) {
         let started = Instant::now();
         loop {
             let now = Instant::now();
             let usage = self.measure_between(now, now + Duration::from_millis(500)).await;
-            let busy = usage.iter().find(|u| u.name == name).map_or(0.0, |u| u.cores);
+            let busy = usage.iter().find(|u| u.name == name).map(|u| u.cores).expect("the named process is probed");
             if busy <= cores || started.elapsed() >= limit {
-                return started.elapsed();
+                return (started.elapsed(), busy);
             }
         }
     }
