@@ -21,11 +21,12 @@
 //!    answers at once (what the worker costs), each also running raw lapin doing the same
 //!    broker work on as many deliveries (consume → publish → ack, same prefetch and
 //!    concurrency) and raw lapin with one fetch per delivery from the same fake API
-//!    (consume → fetch → publish → ack: the share of the baseline that this machine leaves
-//!    to any worker that fetches). Each timed run starts on a purged and pre-filled queue,
-//!    once the broker is idle. Ratios are taken within a round, where the box's speed is the same for all
-//!    three, and the median round's reported, so that one disturbed window does not decide
-//!    them; each round starts with a different one of the three;
+//!    (consume → fetch → publish → ack: what a plain worker that fetches reaches here; it
+//!    drives all its deliveries from one task, so the relay can beat it). Each timed run
+//!    starts on a purged and pre-filled queue, once the broker is idle. Ratios are taken
+//!    within a round, where the box's speed is the same for all three, and the median
+//!    round's reported, so that one disturbed window does not decide them; each round starts
+//!    with a different one of the three;
 //! 4. gateway: requests through RabbitMQ to the library's fake OpenAI API and back, next to a
 //!    raw lapin request/reply service (see `pipeline/gateway.rs`).
 //!
@@ -805,7 +806,7 @@ impl Report {
         let of_rounds = |f: fn(&worker::Round) -> f64| worker::median(rounds.iter().map(f).collect());
         let listed = |f: fn(&worker::Round) -> f64| rounds.iter().map(|r| format!("{:.3}", f(r))).collect::<Vec<_>>().join(", ");
         let worker_ratio = of_rounds(worker::Round::ratio);
-        // The most a worker that fetches could reach of the baseline on this machine.
+        // What a plain worker that fetches reaches of the baseline here.
         let fetch_ceiling = of_rounds(worker::Round::ceiling);
         let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
         println!(

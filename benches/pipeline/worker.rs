@@ -56,7 +56,8 @@ impl Round {
         share(self.relay.eps, self.baseline.eps)
     }
 
-    /// What a worker that fetches reaches of the baseline: the most the relay could.
+    /// What a plain worker that fetches reaches of the baseline: where a worker's fetch
+    /// leaves it on this box (not a strict bound: it drives all its deliveries from one task).
     pub fn ceiling(&self) -> f64 {
         share(self.fetching.eps, self.baseline.eps)
     }
@@ -272,7 +273,7 @@ pub async fn relay(
 /// (persistent, mandatory, confirmed), then ack; `concurrency` at a time. With `fetch`, each
 /// delivery first GETs an object from the same fake API as the relay's fast run (in this
 /// process, answering at once, over one keep-alive reqwest client) and publishes that
-/// instead: the least any worker that fetches costs, with none of the relay's own work.
+/// instead: a plain worker that fetches, with none of the relay's own work.
 #[allow(clippy::too_many_arguments)]
 pub async fn baseline(amqp_url: &str, control: &Channel, topology: &Topology, secret: &Secret, n: usize, concurrency: usize, fetch: bool, generator: &CpuProbe) -> Result<WorkerResult, String> {
     let what = if fetch { "consume → fetch → publish → ack" } else { "consume → publish → ack" };
