@@ -600,6 +600,11 @@ async fn phases(settings: &Settings, binary: &std::path::Path, control: &Channel
     })
 }
 
+/// `part` as a share of `whole`; 0 when there is no whole (a phase that measured nothing).
+fn share(part: f64, whole: f64) -> f64 {
+    if whole > 0.0 { part / whole } else { 0.0 }
+}
+
 fn cpu_cores(cpu: &[Usage], name: &str) -> f64 {
     cpu.iter().find(|u| u.name == name).map_or(0.0, |u| u.cores)
 }
@@ -788,7 +793,7 @@ impl Report {
 
         let ingest_rps = self.ingest.closed.result.rate;
         let baseline_rps = self.baseline_closed.result.rate;
-        let ratio = if baseline_rps > 0.0 { ingest_rps / baseline_rps } else { 0.0 };
+        let ratio = share(ingest_rps, baseline_rps);
         let p50 = self.ingest.open.result.percentile_ms(50.0);
         let p99 = self.ingest.open.result.percentile_ms(99.0);
         let rss_mb = mib(self.ingest.rss_kib.max(w.rss_kib));
@@ -798,7 +803,7 @@ impl Report {
         let lapin_us = cpu_cores(&self.baseline_closed.result.cpu, "generator") / baseline_rps.max(1.0) * 1e6;
         // The same three figures for the bare receiver: what axum and lapin alone reach here.
         let bare_rps = self.bare.closed.result.rate;
-        let bare_ratio = if baseline_rps > 0.0 { bare_rps / baseline_rps } else { 0.0 };
+        let bare_ratio = share(bare_rps, baseline_rps);
         let bare_us = cpu_cores(&self.bare.closed.result.cpu, "relay") / bare_rps.max(1.0) * 1e6;
         let bare_p99 = self.bare.open.result.percentile_ms(99.0);
         // Medians over the rounds; the ratios are each round's own, not ratios of medians.
@@ -824,7 +829,7 @@ impl Report {
             verdict(rss_mb <= 50.0),
         );
         println!("lost={lost}");
-        let gateway_ratio = if g.baseline_rps > 0.0 { g.rps / g.baseline_rps } else { 0.0 };
+        let gateway_ratio = share(g.rps, g.baseline_rps);
         println!(
             "ingest_rps={ingest_rps:.0} baseline_rps={baseline_rps:.0} ratio={ratio:.3} concurrency={c} baseline_concurrency={baseline_c} relay_us_per_delivery={relay_us:.1} baseline_us_per_publish={lapin_us:.1} p50_ms={p50:.2} p99_ms={p99:.2} bare_rps={bare_rps:.0} bare_concurrency={} bare_ratio={bare_ratio:.3} bare_us_per_delivery={bare_us:.1} bare_p99_ms={bare_p99:.2} store_p99_ms={} worker_eps={:.0} worker_bound_eps={worker_bound:.0} worker_fast_eps={:.0} worker_baseline_eps={:.0} worker_ratio={worker_ratio:.3} worker_fetch_baseline_eps={:.0} worker_fetch_ceiling={fetch_ceiling:.3} worker_rounds={} worker_us_per_event={:.1} rss_mb={:.0} gateway_rps={:.0} gateway_baseline_rps={:.0} gateway_ratio={gateway_ratio:.3}",
             self.bare.ramp.concurrency,

@@ -53,22 +53,18 @@ pub struct Round {
 impl Round {
     /// The relay's rate as a share of the baseline's in the same round.
     pub fn ratio(&self) -> f64 {
-        share(self.relay.eps, self.baseline.eps)
+        crate::share(self.relay.eps, self.baseline.eps)
     }
 
     /// What a plain worker that fetches reaches of the baseline: where a worker's fetch
     /// leaves it on this box (not a strict bound: it drives all its deliveries from one task).
     pub fn ceiling(&self) -> f64 {
-        share(self.fetching.eps, self.baseline.eps)
+        crate::share(self.fetching.eps, self.baseline.eps)
     }
 
     pub fn results(&self) -> [&WorkerResult; 3] {
         [&self.relay, &self.baseline, &self.fetching]
     }
-}
-
-fn share(part: f64, whole: f64) -> f64 {
-    if whole > 0.0 { part / whole } else { 0.0 }
 }
 
 /// The middle value (of an even count, the upper of the two middle ones); 0 when empty.
